@@ -1,0 +1,125 @@
+"""Command line: the only place that exits. `relay serve | check-config | passwd`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import signal
+import sys
+
+from relay import __version__, logs
+from relay.config import load_config
+from relay.config.model import Config
+from relay.errors import ConfigError, RelayError
+
+DEFAULT_CONFIG = "config/relay.yaml"
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    return args.config or os.environ.get("RELAY_CONFIG") or DEFAULT_CONFIG
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"relay: invalid configuration {path}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relay.app import Relay
+
+    config = _load(_config_path(args))
+    logs.setup(args.log_format, args.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await Relay(config).run(stop)
+
+    try:
+        asyncio.run(main())
+    except (RelayError, OSError) as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    print(f"{args.file}: valid")
+    print(f"hostname: {config.hostname}")
+    for listener in config.listeners:
+        print(f"listener {listener.name}: {listener.address}:{listener.port} tls={listener.tls} "
+              f"auth={listener.auth} class={listener.class_name} trusted="
+              f"{','.join(map(str, listener.trusted_networks)) or '-'}")
+    print("classes:")
+    for cls in sorted(config.classes.values(), key=lambda c: -c.priority):
+        print(f"  {cls.name}: priority={cls.priority} rate={cls.rate or '-'} "
+              f"detect={','.join(cls.detect) or '-'}")
+    print("providers:")
+    rows = [(p.name, p.shaping, ",".join(p.domains) or "-", ",".join(p.mx) or "-")
+            for p in config.providers]
+    rows.append(("default", config.defaults, "(any other domain, one queue each)", "-"))
+    for name, s, domains, mx in rows:
+        route = f" route={s.route[0]}:{s.route[1]}" if s.route else ""
+        print(f"  {name}: domains={domains} mx={mx} max_connections={s.max_connections} "
+              f"max_messages_per_connection={s.max_messages_per_connection} "
+              f"max_recipients_per_message={s.max_recipients_per_message} "
+              f"rate={s.rate or '-'} tls={s.tls} rules={len(s.rules)}{route}")
+    print("queues (class, provider):")
+    for cls in sorted(config.classes, key=lambda c: -config.classes[c].priority):
+        print("  " + "  ".join(f"({cls}, {name})" for name, *_ in rows))
+    print(f"global rules: {len(config.rules)}")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from relay.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if password != getpass.getpass("Again: "):
+            print("relay: passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("relay: empty password refused", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="Outbound SMTP relay.")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("-c", "--config", help=f"YAML file (default: $RELAY_CONFIG or "
+                       f"{DEFAULT_CONFIG})")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text")
+    serve.add_argument("--log-level", default="INFO",
+                       choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check-config", help="validate a config and show what it resolves to")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+    passwd = sub.add_parser("passwd", help="hash a password for accounts[].password")
+    passwd.set_defaults(func=cmd_passwd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130

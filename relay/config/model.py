@@ -1,0 +1,163 @@
+"""The configuration as frozen, typed values. Built once by `loader`, never mutated."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from relay.config.units import Rate
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+TlsMode = Literal["none", "starttls", "implicit"]
+DeliveryTls = Literal["opportunistic", "required", "disabled"]
+RuleAction = Literal["retry", "bounce", "suspend", "throttle"]
+
+
+class Secret(str):
+    """A string that never shows itself in a repr or a log line."""
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    address: str
+    port: int
+    tls: TlsMode
+    auth: Literal["required", "none"]
+    class_name: str
+    trusted_networks: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: str
+    key: str
+    self_signed: bool
+    allow_plain_auth: bool
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_size: int
+    max_recipients: int
+    max_connections: int
+    max_connections_per_ip: int
+    idle_timeout: float
+
+
+@dataclass(frozen=True)
+class Admin:
+    address: str
+    port: int
+    token: Secret | None
+
+
+@dataclass(frozen=True)
+class Dns:
+    nameservers: tuple[tuple[str, int], ...]
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    password: Secret
+    senders: tuple[str, ...]
+    class_name: str | None
+    rate: Rate | None
+
+
+@dataclass(frozen=True)
+class TrafficClass:
+    name: str
+    priority: int
+    rate: Rate | None
+    detect: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    port: int
+    source_address: str | None
+    tls: DeliveryTls
+    connect_timeout: float
+    command_timeout: float
+    idle_connection_timeout: float
+
+
+@dataclass(frozen=True)
+class Retry:
+    initial: float
+    max: float
+    lifetime: float
+    warn_after: float | None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A reply rule: `pattern` is searched in "CODE X.Y.Z text", case-insensitively."""
+
+    pattern: re.Pattern[str]
+    action: RuleAction
+    duration: float | None = None
+    rate: Rate | None = None
+    max_connections: int | None = None
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """Delivery limits of one provider (or of `defaults`, per destination domain)."""
+
+    max_connections: int
+    max_messages_per_connection: int
+    max_recipients_per_message: int
+    rate: Rate | None
+    connection_rate: Rate | None
+    recipient_rate: Rate | None
+    route: tuple[str, int] | None
+    tls: DeliveryTls
+    rules: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    domains: tuple[str, ...]
+    mx: tuple[str, ...]
+    shaping: Shaping
+
+
+@dataclass(frozen=True)
+class Cluster:
+    redis: Secret
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str
+    listeners: tuple[Listener, ...]
+    tls: TlsConfig
+    limits: Limits
+    spool_path: str
+    admin: Admin
+    dns: Dns
+    accounts: tuple[Account, ...]
+    classes: dict[str, TrafficClass]
+    delivery: Delivery
+    retry: Retry
+    defaults: Shaping
+    providers: tuple[Provider, ...]
+    rules: tuple[Rule, ...]
+    cluster: Cluster | None
+    source: str = field(default="", compare=False)
+
+    def account(self, name: str) -> Account | None:
+        for account in self.accounts:
+            if account.name == name:
+                return account
+        return None

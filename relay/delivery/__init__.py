@@ -1,0 +1,1 @@
+"""Delivery: lanes per provider, outbound SMTP sessions, reply classification, outcomes."""

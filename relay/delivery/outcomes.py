@@ -1,0 +1,119 @@
+"""After an attempt: record each recipient's fate, durably, then act on it.
+
+The order matters for durability: a DSN is stored before the failure that causes it
+is recorded, and a message file is removed only when every recipient is final. A
+crash between two steps repeats a step (a DSN, a delivery), never skips one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from relay.bounces.dsn import Failure, build_dsn
+from relay.config.model import Config
+from relay.reply import Reply, Verdict
+from relay.routing.models import Batch, QueuedMessage, Recipient
+from relay.routing.retry import backoff, expired
+from relay.spool.records import Envelope, EnvelopeRecipient, RecipientStatus, StateRecord
+from relay.spool.store import Spool
+
+log = logging.getLogger("relay.delivery")
+
+Requeue = Callable[[QueuedMessage, list[Recipient]], None]
+Inject = Callable[[Envelope, bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    recipient: Recipient
+    reply: Reply
+    verdict: Verdict
+
+
+def _notify_failure(spec: EnvelopeRecipient) -> bool:
+    """RFC 3461: no NOTIFY means failures are reported; NEVER means nothing is."""
+    return spec.notify is None or "FAILURE" in spec.notify.upper().split(",")
+
+
+class Outcomes:
+    def __init__(self, config: Config, spool: Spool, requeue: Requeue, inject: Inject) -> None:
+        self._config = config
+        self._spool = spool
+        self._requeue = requeue
+        self._inject = inject
+
+    async def settle(self, batch: Batch, attempts: list[Attempt], relay: str | None,
+                     provider: str) -> None:
+        """Apply one attempt's results; shielded so a cancelled worker cannot lose them."""
+        await asyncio.shield(self._settle(batch, attempts, relay, provider))
+
+    async def _settle(self, batch: Batch, attempts: list[Attempt], relay: str | None,
+                      provider: str) -> None:
+        message = batch.message
+        envelope = message.envelope
+        now = time.time()
+        retry = self._config.retry
+        failures: list[Failure] = []
+        deferred: list[Recipient] = []
+        for attempt in attempts:
+            recipient, reply = attempt.recipient, attempt.reply
+            recipient.attempts += 1
+            verdict = attempt.verdict
+            status = {Verdict.DELIVERED: RecipientStatus.DELIVERED,
+                      Verdict.BOUNCED: RecipientStatus.BOUNCED,
+                      Verdict.DEFERRED: RecipientStatus.DEFERRED}[verdict]
+            if verdict is Verdict.DEFERRED and expired(retry, envelope.received_at, now):
+                status = RecipientStatus.EXPIRED
+                reply = Reply.local(reply.code if reply.is_permanent else 550,
+                                    "5.4.7" if not reply.is_permanent else reply.status,
+                                    f"delivery time expired (last reply: {reply})")
+            recipient.status = status
+            recipient.last_reply = str(reply)
+            if status is RecipientStatus.DEFERRED:
+                recipient.next_attempt = now + backoff(retry, recipient.attempts)
+                deferred.append(recipient)
+            elif status in (RecipientStatus.BOUNCED, RecipientStatus.EXPIRED):
+                if envelope.sender and _notify_failure(recipient.spec):
+                    remote = relay.partition("[")[0] if relay and not reply.enhanced.startswith(
+                        "5.4.7") else None
+                    failures.append(Failure(recipient.spec, reply, remote))
+            log.info(
+                "id=%s to=<%s> provider=%s relay=%s delay=%.1f attempt=%d dsn=%s status=%s (%s)",
+                envelope.id, recipient.address, provider, relay or "none",
+                now - envelope.received_at, recipient.attempts, reply.status,
+                {RecipientStatus.EXPIRED: "expired"}.get(status, verdict.value), reply)
+
+        if failures:
+            await self._bounce(message, failures, now)
+        if message.done:
+            await self._spool.remove(envelope.id)
+        else:
+            await self._spool.record(envelope.id, _records(attempts))
+        if deferred:
+            self._requeue(message, deferred)
+
+    async def _bounce(self, message: QueuedMessage, failures: list[Failure], now: float) -> None:
+        envelope = message.envelope
+        original = await self._spool.load_message(envelope.id, message.body_offset)
+        dsn = build_dsn(self._config.hostname, envelope, failures, original, now)
+        dsn_envelope = Envelope(
+            id=self._spool.new_id(), sender="",
+            recipients=(EnvelopeRecipient(envelope.sender),), received_at=now, size=len(dsn),
+            class_name="transactional", account="MAILER-DAEMON", smtputf8=envelope.smtputf8)
+        await self._inject(dsn_envelope, dsn)
+        log.info("id=%s bounce: sender non-delivery notification: %s", envelope.id,
+                 dsn_envelope.id)
+
+
+def _records(attempts: list[Attempt]) -> list[StateRecord]:
+    groups: dict[tuple[RecipientStatus, int, float, str], list[int]] = defaultdict(list)
+    for attempt in attempts:
+        r = attempt.recipient
+        groups[(r.status, r.attempts, r.next_attempt, r.last_reply)].append(r.index)
+    return [StateRecord(tuple(indices), status, attempts_, next_attempt, reply)
+            for (status, attempts_, next_attempt, reply), indices in groups.items()]

@@ -1,0 +1,114 @@
+"""MX and address lookups with dnspython's async resolver, cached per TTL.
+
+dnspython errors stop here and leave as DnsTemporaryError / DnsPermanentError, each
+carrying the Reply a log line or DSN should show (RFC 5321 §5.1, RFC 7505).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from relay.config.model import Dns
+from relay.errors import DnsPermanentError, DnsTemporaryError
+from relay.reply import Reply
+
+
+@dataclass(frozen=True, slots=True)
+class MxHost:
+    """One host to try, in order; `name` for logs and TLS, `preference` for sorting."""
+
+    name: str
+    preference: int
+
+
+class Resolver:
+    def __init__(self, config: Dns) -> None:
+        self._resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
+        if config.nameservers:
+            self._resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(host, port) for host, port in config.nameservers]
+        self._resolver.lifetime = config.timeout
+        self._resolver.timeout = config.timeout
+        self._resolver.cache = dns.resolver.Cache()
+
+    async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer | None:
+        """The answer, None when the name exists without such records; NXDOMAIN raises."""
+        try:
+            return await self._resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NXDOMAIN as exc:
+            raise DnsPermanentError(Reply.local(
+                550, "5.1.2", f"Host or domain name not found: {name} does not exist")) from exc
+        except dns.resolver.NoAnswer:
+            return None
+        except (dns.resolver.NoNameservers, dns.exception.Timeout,
+                dns.resolver.LifetimeTimeout) as exc:
+            raise DnsTemporaryError(Reply.local(
+                451, "4.4.3", f"Name service error for {name} type={rdtype.name}: "
+                f"{type(exc).__name__}")) from exc
+        except dns.exception.DNSException as exc:
+            raise DnsTemporaryError(Reply.local(
+                451, "4.4.3", f"Name service error for {name}: {exc}")) from exc
+
+    async def mx_hosts(self, domain: str) -> list[MxHost]:
+        """Hosts to try in order: by preference, equal preferences shuffled (RFC 5321 §5.1).
+
+        No MX record: the domain itself (implicit MX). Null MX: permanent failure.
+        """
+        literal = _address_literal(domain)
+        if literal:
+            return [MxHost(literal, 0)]
+        answer = await self._query(domain, dns.rdatatype.MX)
+        if answer is None:
+            return [MxHost(domain, 0)]
+        records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
+        if any(name in ("", ".") for _, name in records):
+            raise DnsPermanentError(Reply.local(
+                556, "5.1.10", f"Recipient address rejected: {domain} accepts no mail (null MX)"))
+        random.shuffle(records)
+        records.sort(key=lambda item: item[0])
+        return [MxHost(name.lower(), pref) for pref, name in records]
+
+    async def addresses(self, host: str) -> list[str]:
+        """IPv6 and IPv4 addresses of a host (AAAA first, as Postfix with both enabled)."""
+        try:
+            ipaddress.ip_address(host)
+            return [host]
+        except ValueError:
+            pass
+        found: list[str] = []
+        temporary: DnsTemporaryError | None = None
+        for rdtype in (dns.rdatatype.AAAA, dns.rdatatype.A):
+            try:
+                answer = await self._query(host, rdtype)
+            except DnsTemporaryError as exc:
+                temporary = exc
+                continue
+            if answer is not None:
+                found.extend(record.address for record in answer)
+        if not found:
+            if temporary is not None:
+                raise temporary
+            raise DnsPermanentError(Reply.local(
+                550, "5.4.4", f"Host or domain name not found: no address for {host}"))
+        return found
+
+
+def _address_literal(domain: str) -> str | None:
+    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 §4.1.3) → the address."""
+    if domain.startswith("[") and domain.endswith("]"):
+        inner = domain[1:-1]
+        if inner.lower().startswith("ipv6:"):
+            inner = inner[5:]
+        try:
+            return str(ipaddress.ip_address(inner))
+        except ValueError:
+            return None
+    return None

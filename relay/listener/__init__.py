@@ -1,0 +1,1 @@
+"""Submission listener: aiosmtpd sessions, policy, DATA reading, spooling before 250."""

@@ -1,0 +1,124 @@
+"""What a submission session does with a message: decide, stamp, store, hand over.
+
+The `250` for a message is returned only after the spool reports it durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from relay.config.model import Account, Config, Listener
+from relay.errors import SpoolError
+from relay.listener.headers import detect, field_names, header_block, trace_headers
+from relay.listener.policy import ConnectionGate, Policy
+from relay.routing.models import QueuedMessage
+from relay.spool.records import Envelope
+from relay.spool.store import Spool
+
+if TYPE_CHECKING:
+    from relay.listener.session import Submission
+
+log = logging.getLogger("relay.listener")
+
+
+class SubmissionHandler:
+    def __init__(self, config: Config, listener: Listener, policy: Policy,
+                 gate: ConnectionGate, spool: Spool,
+                 on_accepted: Callable[[QueuedMessage], None]) -> None:
+        self.config = config
+        self.listener = listener
+        self.policy = policy
+        self.gate = gate
+        self.spool = spool
+        self.on_accepted = on_accepted
+
+    async def handle_EHLO(self, server: Submission, session: Any, envelope: Any,
+                          hostname: str, responses: list[str]) -> list[str]:
+        """Advertise what we implement; no AUTH where the listener offers none."""
+        session.host_name = hostname
+        last = responses.pop()  # "250 HELP"
+        if self.listener.auth == "none":
+            responses = [line for line in responses if not line.startswith("250-AUTH")]
+        responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
+        responses.append(last)
+        return responses
+
+    def account_of(self, server: Submission) -> Account | None:
+        session = server.session
+        if session is None or not session.authenticated:
+            return None
+        login = session.login_data
+        name = login.decode("utf-8", "replace") if isinstance(login, bytes) else str(login)
+        return self.config.account(name)
+
+    def may_submit(self, server: Submission) -> str | None:
+        """Never an open relay: AUTH or a trusted network, else no MAIL."""
+        if server.trusted or self.account_of(server) is not None:
+            return None
+        self.note_rejected("auth")
+        if self.listener.auth == "none":
+            return "554 5.7.1 Relay access denied: client not in trusted networks"
+        return "530 5.7.0 Authentication required"
+
+    def check_sender(self, server: Submission, sender: str) -> str | None:
+        if not sender:
+            self.note_rejected("sender")
+            return "550 5.7.1 Null sender is not allowed on submission"
+        account = self.account_of(server)
+        if account is not None and not self.policy.sender_allowed(account, sender):
+            self.note_rejected("sender")
+            log.warning("sender <%s> refused for account %s from %s", sender, account.name,
+                        server.peer_ip)
+            return (f"553 5.7.1 Sender address rejected: <{sender}> not owned by "
+                    f"user {account.name}")
+        return None
+
+    def note_rejected(self, reason: str) -> None:
+        """Hook for the rejection counter (relay_messages_rejected_total)."""
+
+    def _class_for(self, account: Account | None, headers: bytes, names: set[str]) -> str:
+        name = (account.class_name if account and account.class_name
+                else self.listener.class_name)
+        triggered = detect(headers, names)
+        if triggered:
+            for candidate in sorted(self.config.classes.values(), key=lambda c: c.priority):
+                if triggered & set(candidate.detect):
+                    return candidate.name
+        return name
+
+    async def accept(self, server: Submission, content: bytes) -> str:
+        assert server.envelope is not None and server.session is not None
+        account = self.account_of(server)
+        message_id = self.spool.new_id()
+        headers = header_block(content)
+        names = field_names(headers)
+        now = time.time()
+        stamped = trace_headers(
+            message_id=message_id, hostname=self.config.hostname,
+            helo=server.session.host_name or "unknown", peer_ip=server.peer_ip,
+            tls=server.tls_active, authenticated=account is not None,
+            esmtp=bool(server.session.extended_smtp),
+            recipients=[r.address for r in server.recipients], names=names, now=now,
+        ) + content
+        envelope = Envelope(
+            id=message_id, sender=server.envelope.mail_from,
+            recipients=tuple(server.recipients), received_at=now, size=len(stamped),
+            class_name=self._class_for(account, headers, names),
+            account=account.name if account else "trusted",
+            envid=server.mail_params.get("ENVID"), ret=server.mail_params.get("RET"),
+            smtputf8=bool(server.envelope.smtp_utf8),
+        )
+        try:
+            offset = await self.spool.store(envelope, stamped)
+        except SpoolError as exc:
+            self.note_rejected("storage")
+            log.error("id=%s not accepted: %s", message_id, exc)
+            return "452 4.3.1 Insufficient system storage"
+        log.info("id=%s from=<%s> account=%s class=%s size=%d nrcpt=%d client=[%s]",
+                 message_id, envelope.sender, envelope.account, envelope.class_name,
+                 envelope.size, len(envelope.recipients), server.peer_ip)
+        self.on_accepted(QueuedMessage(envelope, offset))
+        return f"250 2.0.0 Ok: queued as {message_id}"

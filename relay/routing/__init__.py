@@ -1,0 +1,1 @@
+"""Recipient → provider → queue; the deferred schedule; retry timing."""

@@ -1,0 +1,257 @@
+"""The durable store: a message is acknowledged only once it is on disk for good.
+
+Writing follows the classic recipe: write a temporary file, fsync it, rename it into
+place, fsync the directory (the rename itself is not durable until then). The
+directory fsync is shared: every rename made before a directory sync starts is covered
+by it, so concurrent sessions pay one directory fsync between them (group commit).
+File fsyncs run in worker threads, where the filesystem coalesces concurrent ones into
+one journal commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from relay.errors import SpoolCorrupt, SpoolError
+from relay.spool.records import Envelope, StateRecord, decode_header, encode_header
+
+log = logging.getLogger("relay.spool")
+
+_MESSAGES = "messages"
+_QUARANTINE = "quarantine"
+_STATE_SUFFIX = ".st"
+_TMP_PREFIX = ".tmp-"
+_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    envelope: Envelope
+    body_offset: int
+    records: list[StateRecord]
+
+
+class _GroupSync:
+    """One directory fsync covers every caller that arrived before it started."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._running: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def sync(self, directory: str) -> None:
+        future = self._waiting.get(directory)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._waiting[directory] = future
+            if directory not in self._running:
+                task = asyncio.create_task(self._run(directory))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(future)
+
+    async def _run(self, directory: str) -> None:
+        self._running.add(directory)
+        try:
+            while directory in self._waiting:
+                future = self._waiting.pop(directory)
+                try:
+                    await asyncio.to_thread(_fsync_dir, directory)
+                except OSError as exc:
+                    future.set_exception(SpoolError(exc.errno, f"fsync {directory}: {exc}"))
+                else:
+                    future.set_result(None)
+        finally:
+            self._running.discard(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(tmp_path: str, final_path: str, chunks: tuple[bytes, ...]) -> None:
+    try:
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp_path, final_path)
+    except BaseException:
+        try:
+            os.unlink(tmp_path)
+        except OSError:
+            pass
+        raise
+
+
+def _append_durably(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Files under `path`/messages/XX/, XX the last two characters of the id."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self.messages_dir = os.path.join(self.path, _MESSAGES)
+        self.quarantine_dir = os.path.join(self.path, _QUARANTINE)
+        self._dirsync = _GroupSync()
+        self._counter = 0
+
+    def open(self) -> None:
+        """Create the layout; fail with a clear SpoolError if the path is unusable."""
+        try:
+            os.makedirs(self.messages_dir, mode=0o700, exist_ok=True)
+            os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
+            probe = os.path.join(self.path, f"{_TMP_PREFIX}probe-{os.getpid()}")
+            with open(probe, "wb") as handle:
+                handle.write(b"ok")
+            os.unlink(probe)
+        except OSError as exc:
+            raise SpoolError(exc.errno, f"spool.path: {self.path} is not writable: "
+                             f"{exc.strerror}") from exc
+
+    def new_id(self) -> str:
+        """Sortable by arrival, unique across restarts: time, counter, randomness."""
+        self._counter = (self._counter + 1) % 1024
+        stamp = int(time.time() * 1000) * 1024 + self._counter
+        text = ""
+        while stamp:
+            stamp, digit = divmod(stamp, len(_ID_ALPHABET))
+            text = _ID_ALPHABET[digit] + text
+        suffix = "".join(secrets.choice(_ID_ALPHABET) for _ in range(4))
+        return text + suffix
+
+    def _dir(self, message_id: str) -> str:
+        return os.path.join(self.messages_dir, message_id[-2:])
+
+    def message_path(self, message_id: str) -> str:
+        return os.path.join(self._dir(message_id), message_id)
+
+    async def store(self, envelope: Envelope, message: bytes) -> int:
+        """Make the message durable; return the body offset. Raises SpoolError."""
+        directory = self._dir(envelope.id)
+        header = encode_header(envelope)
+        try:
+            if not os.path.isdir(directory):
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                await self._dirsync.sync(self.messages_dir)
+            await asyncio.to_thread(
+                _write_durably, os.path.join(directory, _TMP_PREFIX + envelope.id),
+                os.path.join(directory, envelope.id), (header, message))
+            await self._dirsync.sync(directory)
+        except OSError as exc:
+            if isinstance(exc, SpoolError):
+                raise
+            reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+            raise SpoolError(exc.errno, f"cannot store {envelope.id}: {reason}") from exc
+        return len(header)
+
+    async def record(self, message_id: str, records: list[StateRecord]) -> None:
+        """Append recipient progress durably."""
+        data = b"".join(record.encode() for record in records)
+        path = self.message_path(message_id) + _STATE_SUFFIX
+        try:
+            await asyncio.to_thread(_append_durably, path, data)
+        except OSError as exc:
+            raise SpoolError(exc.errno, f"cannot record state of {message_id}: "
+                             f"{exc.strerror}") from exc
+
+    async def remove(self, message_id: str) -> None:
+        """Forget a message whose every recipient is final (message first, then its log)."""
+        path = self.message_path(message_id)
+        for victim in (path, path + _STATE_SUFFIX):
+            try:
+                os.unlink(victim)
+            except FileNotFoundError:
+                pass
+        await self._dirsync.sync(self._dir(message_id))
+
+    def read_message(self, message_id: str, body_offset: int) -> bytes:
+        try:
+            with open(self.message_path(message_id), "rb") as handle:
+                handle.seek(body_offset)
+                return handle.read()
+        except OSError as exc:
+            raise SpoolError(exc.errno, f"cannot read {message_id}: {exc.strerror}") from exc
+
+    async def load_message(self, message_id: str, body_offset: int) -> bytes:
+        return await asyncio.to_thread(self.read_message, message_id, body_offset)
+
+    def recover(self) -> Iterator[Recovered]:
+        """Every message still on disk with its progress; corrupt entries are quarantined."""
+        if not os.path.isdir(self.messages_dir):
+            return
+        for bucket in sorted(os.listdir(self.messages_dir)):
+            directory = os.path.join(self.messages_dir, bucket)
+            if not os.path.isdir(directory):
+                continue
+            names = set(os.listdir(directory))
+            for name in sorted(names):
+                path = os.path.join(directory, name)
+                if name.startswith(_TMP_PREFIX):
+                    os.unlink(path)  # never acknowledged: the client got no 250
+                    continue
+                if name.endswith(_STATE_SUFFIX):
+                    if name[: -len(_STATE_SUFFIX)] not in names:
+                        os.unlink(path)  # its message was removed; the log outlived it
+                    continue
+                try:
+                    yield self._load(path, names)
+                except SpoolCorrupt as exc:
+                    self.quarantine(name, str(exc))
+                except OSError as exc:
+                    log.error("spool: cannot read %s: %s", path, exc)
+
+    def _load(self, path: str, names: set[str]) -> Recovered:
+        with open(path, "rb") as handle:
+            head = handle.read(8192)
+            parsed = decode_header(head)
+            while isinstance(parsed, int):
+                more = handle.read(parsed - len(head))
+                if not more:
+                    raise SpoolCorrupt("truncated header")
+                head += more
+                parsed = decode_header(head)
+            envelope, offset = parsed
+            size = os.fstat(handle.fileno()).st_size
+        if size != offset + envelope.size:
+            raise SpoolCorrupt(f"body is {size - offset} bytes, envelope says {envelope.size}")
+        records: list[StateRecord] = []
+        state_name = os.path.basename(path) + _STATE_SUFFIX
+        if state_name in names:
+            with open(path + _STATE_SUFFIX, "rb") as handle:
+                records = StateRecord.decode_log(handle.read())
+        return Recovered(envelope, offset, records)
+
+    def quarantine(self, message_id: str, reason: str) -> None:
+        """Move a damaged entry aside: never delivered, never blocking startup."""
+        source = self.message_path(message_id)
+        target = os.path.join(self.quarantine_dir, message_id)
+        log.error("spool: quarantined %s (%s) to %s", message_id, reason, target)
+        for suffix in ("", _STATE_SUFFIX):
+            if os.path.exists(source + suffix):
+                shutil.move(source + suffix, target + suffix)
