@@ -66,7 +66,9 @@ class Lane:
 
     @property
     def busy(self) -> bool:
-        return bool(self.pending or self._workers or self._sweeps)
+        """A paused lane stays registered: forgetting it would forget its backoff."""
+        return bool(self.pending or self._workers or self._sweeps
+                    or self._paused_until > time.monotonic())
 
     def push(self, batch: Batch) -> None:
         queue = self._ready.get(batch.class_name)
@@ -200,7 +202,7 @@ class Lane:
                     self.destination.provider, self.key, delay, reply)
         if self._resume is not None:
             self._resume.cancel()
-        self._resume = asyncio.get_running_loop().call_later(delay, self._kick)
+        self._resume = asyncio.get_running_loop().call_later(delay, self._resumed)
         now = time.time()
         stale = []
         for queue in self._ready.values():
@@ -217,6 +219,13 @@ class Lane:
             task = asyncio.create_task(self._expire(stale, reply))
             self._sweeps.add(task)
             task.add_done_callback(self._sweep_done)
+
+    def _resumed(self) -> None:
+        self._resume = None
+        if self.pending:
+            self._kick()
+        elif not self.busy:
+            self._on_idle(self)
 
     def _sweep_done(self, task: asyncio.Task[None]) -> None:
         self._sweeps.discard(task)

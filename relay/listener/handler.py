@@ -50,9 +50,8 @@ class SubmissionHandler:
         session = server.session
         if session is None or not session.authenticated:
             return None
-        login = session.login_data
-        name = login.decode("utf-8", "replace") if isinstance(login, bytes) else str(login)
-        return self.config.account(name)
+        login = getattr(session.auth_data, "login", b"")
+        return self.config.account(login.decode("utf-8", "replace"))
 
     def may_submit(self, server: Submission) -> str | None:
         """Never an open relay: AUTH or a trusted network, else no MAIL."""

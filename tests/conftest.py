@@ -1,0 +1,50 @@
+"""Fixtures: a DNS server, a farm of destination MX servers, and the relay as users run it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.passwords import hash_password
+from tests.dnsserver import DnsServer
+from tests.mxserver import MxFarm
+from tests.relayproc import PASSWORD, RelayProcess, base_config, free_port
+
+
+@pytest.fixture(scope="session")
+def password_hash() -> str:
+    return hash_password(PASSWORD)
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    server = DnsServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mx_farm() -> Iterator[MxFarm]:
+    farm = MxFarm(free_port())
+    yield farm
+    farm.stop()
+
+
+@pytest.fixture
+def relay_factory(tmp_path: Path, dns_server: DnsServer, mx_farm: MxFarm,
+                  password_hash: str) -> Iterator[Callable[..., RelayProcess]]:
+    """Build (and later stop) relays; keyword arguments are merged into the test config."""
+    started: list[RelayProcess] = []
+
+    def make(start: bool = True, **extra: Any) -> RelayProcess:
+        config = base_config(tmp_path, dns_server.port, mx_farm.port, password_hash, **extra)
+        relay = RelayProcess(tmp_path, config)
+        started.append(relay)
+        return relay.start() if start else relay
+
+    yield make
+    for relay in started:
+        relay.stop()

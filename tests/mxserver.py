@@ -1,0 +1,179 @@
+"""Recording destination SMTP servers (aiosmtpd) on 127.0.0.x, in one background loop.
+
+Each server records every transaction with the connection it came on, counts
+concurrent connections, and can be told to misbehave by replacing one hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass
+class Received:
+    connection: int
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    mail_options: list[str] = field(default_factory=list)
+
+
+class MxServer:
+    """One destination host. Hooks return a reply line to refuse, or None to accept."""
+
+    def __init__(self, farm: MxFarm, host: str, port: int) -> None:
+        self.farm = farm
+        self.host = host
+        self.port = port
+        self.messages: list[Received] = []
+        self.connections = 0
+        self.open = 0
+        self.max_open = 0
+        self.transactions: dict[int, int] = {}
+        self.rcpt_hook: Callable[[str], str | None] = lambda address: None
+        self.data_hook: Callable[[Received], str | None] = lambda message: None
+        self.greeting: str | None = None       # e.g. "421 4.3.2 busy": refuse at connect
+        self._server: asyncio.Server | None = None
+
+    # called in the farm's loop
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Protocol(self), host=self.host, port=self.port, reuse_address=True)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def _opened(self) -> int:
+        with self.farm.cond:
+            self.connections += 1
+            self.open += 1
+            self.max_open = max(self.max_open, self.open)
+            conn = next(self.farm.ids)
+            self.transactions[conn] = 0
+            self.farm.cond.notify_all()
+        return conn
+
+    def _closed(self) -> None:
+        with self.farm.cond:
+            self.open -= 1
+            self.farm.cond.notify_all()
+
+    def _record(self, message: Received) -> None:
+        with self.farm.cond:
+            self.messages.append(message)
+            self.transactions[message.connection] += 1
+            self.farm.cond.notify_all()
+
+    # called from tests
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 20) -> bool:
+        with self.farm.cond:
+            return self.farm.cond.wait_for(predicate, timeout)
+
+    def wait_messages(self, count: int, timeout: float = 20) -> list[Received]:
+        assert self.wait_for(lambda: len(self.messages) >= count, timeout), (
+            f"{self.host}: {len(self.messages)} messages after {timeout}s, expected {count}")
+        return list(self.messages)
+
+    def recipients(self) -> list[str]:
+        with self.farm.cond:
+            return [r for m in self.messages for r in m.rcpt_tos]
+
+
+class _Handler:
+    def __init__(self, server: MxServer, conn: int) -> None:
+        self.server = server
+        self.conn = conn
+
+    async def handle_RCPT(self, smtp: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        refusal = self.server.rcpt_hook(address)
+        if refusal:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
+        message = Received(self.conn, envelope.mail_from, list(envelope.rcpt_tos),
+                           envelope.original_content or b"", list(envelope.mail_options))
+        refusal = self.server.data_hook(message)
+        if refusal:
+            return refusal
+        self.server._record(message)
+        return "250 2.0.0 OK queued"
+
+
+class _Protocol(SMTP):
+    def __init__(self, server: MxServer) -> None:
+        self.conn = server._opened()
+        self.mx = server
+        super().__init__(_Handler(server, self.conn), hostname=f"mx-{server.host}",
+                         enable_SMTPUTF8=True)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.mx.greeting and self.transport is None:
+            transport.write(self.mx.greeting.encode() + b"\r\n")
+            transport.close()
+            self.mx._closed()
+            self._refused = True
+            return
+        self._refused = False
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        self.mx._closed()
+        super().connection_lost(error)
+
+
+class MxFarm:
+    """Destination servers sharing one delivery port on distinct loopback addresses."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.cond = threading.Condition()
+        self.ids = itertools.count(1)
+        self.servers: dict[str, MxServer] = {}
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="mx")
+        self._thread.start()
+
+    def server(self, host: str) -> MxServer:
+        server = MxServer(self, host, self.port)
+        asyncio.run_coroutine_threadsafe(server.start(), self.loop).result(10)
+        self.servers[host] = server
+        return server
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            asyncio.run_coroutine_threadsafe(server.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+class Blackhole:
+    """Accepts TCP connections and never says a word (a hung MX)."""
+
+    def __init__(self, farm: MxFarm, host: str) -> None:
+        self.connections = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+        async def start() -> asyncio.Server:
+            return await asyncio.start_server(self._accept, host, farm.port, reuse_address=True)
+
+        self._server = asyncio.run_coroutine_threadsafe(start(), farm.loop).result(10)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
