@@ -1,0 +1,78 @@
+"""The spool: durable store, progress log, recovery, quarantine of damaged entries."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from relay.spool import Envelope, EnvelopeRecipient, RecipientStatus, Spool, StateRecord
+
+
+def envelope(spool: Spool, body: bytes, recipients: int = 3) -> Envelope:
+    return Envelope(id=spool.new_id(), sender="a@example.org",
+                    recipients=tuple(EnvelopeRecipient(f"r{i}@example.test")
+                                     for i in range(recipients)),
+                    received_at=1.0, size=len(body), class_name="transactional", account="app")
+
+
+def test_store_record_recover_remove(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.open()
+    body = b"Subject: x\r\n\r\nhello\r\n"
+    env = envelope(spool, body)
+
+    async def go() -> None:
+        offset = await spool.store(env, body)
+        assert spool.read_message(env.id, offset) == body
+        await spool.record(env.id, [StateRecord((0,), RecipientStatus.DELIVERED, 1, 0, "250 ok"),
+                                    StateRecord((1, 2), RecipientStatus.DEFERRED, 1, 99.0, "451")])
+        [recovered] = list(spool.recover())
+        assert recovered.envelope == env
+        assert [r.indices for r in recovered.records] == [(0,), (1, 2)]
+        await spool.remove(env.id)
+        assert list(spool.recover()) == []
+
+    asyncio.run(go())
+
+
+def test_torn_state_line_is_ignored(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.open()
+    env = envelope(spool, b"x\r\n", recipients=2)
+
+    async def go() -> None:
+        await spool.store(env, b"x\r\n")
+        await spool.record(env.id, [StateRecord((0,), RecipientStatus.DELIVERED, 1, 0, "ok")])
+        with open(spool.message_path(env.id) + ".st", "ab") as handle:
+            handle.write(b'[[1],1,1,0,"par')   # crash mid-append
+        [recovered] = list(spool.recover())
+        assert [r.indices for r in recovered.records] == [(0,)]
+
+    asyncio.run(go())
+
+
+def test_damaged_entries_are_quarantined_and_temp_files_dropped(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.open()
+    good, bad = envelope(spool, b"good\r\n"), envelope(spool, b"bad body\r\n")
+
+    async def go() -> None:
+        await spool.store(good, b"good\r\n")
+        await spool.store(bad, b"bad body\r\n")
+
+    asyncio.run(go())
+    with open(spool.message_path(bad.id), "r+b") as handle:   # truncate the body
+        handle.truncate(os.path.getsize(spool.message_path(bad.id)) - 3)
+    directory = os.path.dirname(spool.message_path(good.id))
+    with open(os.path.join(directory, ".tmp-unfinished"), "wb") as handle:
+        handle.write(b"half a message")
+    recovered = list(spool.recover())
+    assert [r.envelope.id for r in recovered] == [good.id]
+    assert os.listdir(spool.quarantine_dir) == [bad.id]
+    assert not os.path.exists(os.path.join(directory, ".tmp-unfinished"))
+
+
+def test_ids_are_unique_and_sortable(tmp_path):
+    spool = Spool(str(tmp_path))
+    ids = [spool.new_id() for _ in range(2000)]
+    assert len(set(ids)) == 2000
