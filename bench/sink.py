@@ -18,7 +18,8 @@ async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             line = await reader.readuntil(b"\n")
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
-                writer.write(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000\r\n")
+                writer.write(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+                             b"250 SIZE 100000000\r\n")
             elif verb == b"DATA":
                 writer.write(b"354 go ahead\r\n")
                 await writer.drain()

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sink  # noqa: E402
-
-import yaml  # noqa: E402
+import sink
+import yaml
 
 
 def free_port() -> int:

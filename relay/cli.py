@@ -75,8 +75,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
               f"max_recipients_per_message={s.max_recipients_per_message} "
               f"rate={s.rate or '-'} tls={s.tls} rules={len(s.rules)}{route}")
     print("queues (class, provider):")
-    for cls in sorted(config.classes, key=lambda c: -config.classes[c].priority):
-        print("  " + "  ".join(f"({cls}, {name})" for name, *_ in rows))
+    for class_name in sorted(config.classes, key=lambda c: -config.classes[c].priority):
+        print("  " + "  ".join(f"({class_name}, {name})" for name, *_ in rows))
     print(f"global rules: {len(config.rules)}")
     return 0
 

@@ -53,7 +53,7 @@ def _make_self_signed(cert_path: str, key_path: str, hostname: str) -> None:
     os.makedirs(os.path.dirname(cert_path), mode=0o700, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name).public_key(key.public_key())

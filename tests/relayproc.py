@@ -48,7 +48,7 @@ class RelayProcess:
         self.config_path.write_text(yaml.safe_dump(config))
 
     def start(self, timeout: float = 20) -> RelayProcess:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)

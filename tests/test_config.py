@@ -14,7 +14,8 @@ from relay.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_relay(*args: str, stdin: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+def run_relay(*args: str, stdin: str | None = None,
+              cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "relay", *args], input=stdin,
                           capture_output=True, text=True, timeout=60, cwd=cwd)
 
@@ -63,7 +64,7 @@ def test_environment_substitution(monkeypatch):
     config = parse_config({"admin": {"token": "${RELAY_TEST_TOKEN}"}})
     assert config.admin.token == "t0ken"
     assert "t0ken" not in repr(config.admin)
-    with pytest.raises(ConfigError, match="admin.token: environment variable RELAY_NOPE"):
+    with pytest.raises(ConfigError, match=r"admin\.token: environment variable RELAY_NOPE"):
         parse_config({"admin": {"token": "${RELAY_NOPE}"}})
 
 

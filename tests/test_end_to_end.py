@@ -177,7 +177,8 @@ def test_temporary_failure_then_success(relay_factory, dns_server, mx_farm):
     queue_id = relay.send("app@example.org", ["bob@example.test"], make_message("later"))
     mx.wait_messages(1)
     log = relay.wait_log("attempt=2 dsn=2.0.0 status=delivered")
-    assert f"id={queue_id} to=<bob@example.test> provider=default relay=example.test[127.0.0.2]:" in log
+    assert (f"id={queue_id} to=<bob@example.test> provider=default "
+            "relay=example.test[127.0.0.2]:") in log
     assert "attempt=1 dsn=4.7.1 status=deferred (451 4.7.1 Greylisted" in log
     assert "attempt=2 dsn=2.0.0 status=delivered" in log
 

@@ -35,6 +35,11 @@ def test_store_record_recover_remove(tmp_path):
     asyncio.run(go())
 
 
+def _append(path: str, data: bytes) -> None:
+    with open(path, "ab") as handle:
+        handle.write(data)
+
+
 def test_torn_state_line_is_ignored(tmp_path):
     spool = Spool(str(tmp_path))
     spool.open()
@@ -43,8 +48,8 @@ def test_torn_state_line_is_ignored(tmp_path):
     async def go() -> None:
         await spool.store(env, b"x\r\n")
         await spool.record(env.id, [StateRecord((0,), RecipientStatus.DELIVERED, 1, 0, "ok")])
-        with open(spool.message_path(env.id) + ".st", "ab") as handle:
-            handle.write(b'[[1],1,1,0,"par')   # crash mid-append
+        torn = spool.message_path(env.id) + ".st"
+        await asyncio.to_thread(_append, torn, b'[[1],1,1,0,"par')   # crash mid-append
         [recovered] = list(spool.recover())
         assert [r.indices for r in recovered.records] == [(0,)]
 

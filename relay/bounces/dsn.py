@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import format_datetime, localtime, make_msgid
 
 from relay.reply import Reply
@@ -27,8 +28,8 @@ class Failure:
 
 
 def _date(timestamp: float) -> str:
-    from datetime import datetime, timezone
-    return format_datetime(localtime(datetime.fromtimestamp(timestamp, timezone.utc)))
+    from datetime import datetime
+    return format_datetime(localtime(datetime.fromtimestamp(timestamp, UTC)))
 
 
 def _headers_of(message: bytes) -> bytes:

@@ -2,7 +2,16 @@
 
 from relay.config.loader import load_config, parse_config
 from relay.config.model import (
-    Account, Config, Delivery, Listener, Provider, Retry, Rule, Secret, Shaping, TrafficClass,
+    Account,
+    Config,
+    Delivery,
+    Listener,
+    Provider,
+    Retry,
+    Rule,
+    Secret,
+    Shaping,
+    TrafficClass,
 )
 from relay.config.units import Rate, parse_duration, parse_rate, parse_size
 

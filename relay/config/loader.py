@@ -72,7 +72,7 @@ class _Node:
                 self.problems.add(self.key(name), "is required")
             return default  # type: ignore[no-any-return]
         if raw is None and default is None:
-            return default  # type: ignore[unreachable]
+            return None  # type: ignore[return-value]
         try:
             return parse(raw)
         except (ValueError, TypeError) as exc:
@@ -126,8 +126,9 @@ def _str(value: Any) -> str:
     return value
 
 
-def _choice(*options: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
+def _choice(*options: str) -> Callable[[Any], Any]:
+    """The value, if it is one of `options` (typed Any: the caller's Literal type)."""
+    def parse(value: Any) -> Any:
         if value not in options:
             raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
         return str(value)
@@ -169,7 +170,7 @@ def _host_port(default_port: int) -> Callable[[Any], tuple[str, int]]:
         else:
             host, port = text, None
         port_number = int(port) if port and port.isdigit() else default_port
-        if port is not None and not port.isdigit() or not 0 < port_number < 65536:
+        if (port is not None and not port.isdigit()) or not 0 < port_number < 65536:
             raise ValueError(f'expected "host" or "host:port", got {value!r}')
         if ":" not in host and not _HOSTNAME.match(host):
             raise ValueError(f'expected "host" or "host:port", got {value!r}')
@@ -239,7 +240,7 @@ def _rules(node: _Node, name: str) -> tuple[m.Rule, ...]:
         if action == "throttle" and rate is None and max_connections is None:
             node.problems.add(path, 'action "throttle" needs "rate" or "max_connections"')
         if pattern is not None and action is not None:
-            rules.append(m.Rule(pattern, action, duration, rate, max_connections))  # type: ignore[arg-type]
+            rules.append(m.Rule(pattern, action, duration, rate, max_connections))
     return tuple(rules)
 
 
@@ -263,7 +264,7 @@ def _shaping(node: _Node, base: m.Shaping | None, delivery_tls: str) -> m.Shapin
                                 inherit("recipient_rate", None)),
         route=node.get("route", _optional(_host_port(25)), inherit("route", None)),
         tls=node.get("tls", _choice("opportunistic", "required", "disabled"),
-                     inherit("tls", delivery_tls)),  # type: ignore[arg-type]
+                     inherit("tls", delivery_tls)),
         rules=_rules(node, "rules"),
     )
 
@@ -307,8 +308,8 @@ def parse_config(raw: object, source: str = "") -> m.Config:
             name=lnode.get("name", _str, path),
             address=lnode.get("address", _ip, "0.0.0.0"),
             port=lnode.get("port", _int(0, 65535), 587),
-            tls=lnode.get("tls", _choice("none", "starttls", "implicit"), "starttls"),  # type: ignore[arg-type]
-            auth=lnode.get("auth", _choice("required", "none"), "required"),  # type: ignore[arg-type]
+            tls=lnode.get("tls", _choice("none", "starttls", "implicit"), "starttls"),
+            auth=lnode.get("auth", _choice("required", "none"), "required"),
             class_name=lnode.get("class", class_name, "transactional"),
             trusted_networks=lnode.get("trusted_networks",
                                        lambda v: tuple(_network(x) for x in _str_list(v)), ()),
@@ -356,7 +357,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     )
     dnode.finish()
 
-    accounts = []
+    accounts: list[m.Account] = []
     for path, body in root.items("accounts"):
         acnode = _Node(body, path, problems)
         name = acnode.get("name", _str, _MISSING)
@@ -375,7 +376,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     delivery = m.Delivery(
         port=dlv.get("port", _int(1, 65535), 25),
         source_address=dlv.get("source_address", _optional(_ip), None),
-        tls=dlv.get("tls", _choice("opportunistic", "required", "disabled"), "opportunistic"),  # type: ignore[arg-type]
+        tls=dlv.get("tls", _choice("opportunistic", "required", "disabled"), "opportunistic"),
         connect_timeout=dlv.get("connect_timeout", parse_duration, 30.0),
         command_timeout=dlv.get("command_timeout", parse_duration, 300.0),
         idle_connection_timeout=dlv.get("idle_connection_timeout", parse_duration, 30.0),

@@ -74,4 +74,4 @@ def parse_rate(value: object) -> Rate:
     count = float(match.group(1))
     if count <= 0:
         raise ValueError(f'expected a positive rate like "300/min", got {value!r}')
-    return Rate(count, _RATE_UNITS[match.group(2)], value.strip())
+    return Rate(count, _RATE_UNITS[match.group(2)], str(value).strip())

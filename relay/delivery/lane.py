@@ -206,7 +206,7 @@ class Lane:
         now = time.time()
         stale = []
         for queue in self._ready.values():
-            keep = deque()
+            keep: deque[Batch] = deque()
             for batch in queue:
                 if expired(self._config.retry, batch.message.envelope.received_at, now):
                     stale.append(batch)

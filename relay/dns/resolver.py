@@ -39,7 +39,8 @@ class Resolver:
         self._resolver.timeout = config.timeout
         self._resolver.cache = dns.resolver.Cache()
 
-    async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer | None:
+    async def _query(self, name: str,
+                     rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer | None:
         """The answer, None when the name exists without such records; NXDOMAIN raises."""
         try:
             return await self._resolver.resolve(name, rdtype, search=False)

@@ -103,7 +103,7 @@ class SubmissionHandler:
             recipients=[r.address for r in server.recipients], names=names, now=now,
         ) + content
         envelope = Envelope(
-            id=message_id, sender=server.envelope.mail_from,
+            id=message_id, sender=server.envelope.mail_from or "",
             recipients=tuple(server.recipients), received_at=now, size=len(stamped),
             class_name=self._class_for(account, headers, names),
             account=account.name if account else "trusted",

@@ -46,6 +46,7 @@ class Submission(SMTP):
             self.peer_ip = str(peer[0])
             if not self.handler.gate.admit(self.peer_ip):
                 log.warning("refused connection from %s: too many connections", self.peer_ip)
+                assert isinstance(transport, asyncio.WriteTransport)
                 transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
                 transport.close()
                 return
@@ -61,7 +62,7 @@ class Submission(SMTP):
         super().connection_lost(error)
 
     def _set_rset_state(self) -> None:
-        super()._set_rset_state()
+        super()._set_rset_state()  # type: ignore[no-untyped-call]
         self.recipients = []
         self.mail_params = {}
 

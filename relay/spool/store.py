@@ -120,6 +120,7 @@ class Spool:
         self.quarantine_dir = os.path.join(self.path, _QUARANTINE)
         self._dirsync = _GroupSync()
         self._counter = 0
+        self._buckets: set[str] = set()
 
     def open(self) -> None:
         """Create the layout; fail with a clear SpoolError if the path is unusable."""
@@ -156,9 +157,11 @@ class Spool:
         directory = self._dir(envelope.id)
         header = encode_header(envelope)
         try:
-            if not os.path.isdir(directory):
-                os.makedirs(directory, mode=0o700, exist_ok=True)
+            if directory not in self._buckets:
+                # at most 1,024 buckets: the stat and mkdir happen once each per run
+                await asyncio.to_thread(os.makedirs, directory, mode=0o700, exist_ok=True)
                 await self._dirsync.sync(self.messages_dir)
+                self._buckets.add(directory)
             await asyncio.to_thread(
                 _write_durably, os.path.join(directory, _TMP_PREFIX + envelope.id),
                 os.path.join(directory, envelope.id), (header, message))
