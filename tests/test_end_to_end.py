@@ -314,3 +314,57 @@ def test_size_and_recipient_limits(relay_factory):
         smtp.mail("app@example.org")
         smtp.rcpt("u@example.test")
         assert smtp.data(make_message("small"))[0] == 250
+
+
+def test_implicit_tls_listener_with_auth_login(relay_factory, dns_server, mx_farm):
+    import ssl
+
+    from tests.relayproc import PASSWORD, free_port
+
+    dns_server.add("example.test", "A", "127.0.0.2")
+    mx = mx_farm.server("127.0.0.2")
+    port = free_port()
+    relay = relay_factory(start=False, listeners=[
+        {"name": "submissions", "address": "127.0.0.1", "port": free_port(), "tls": "starttls"},
+        {"name": "implicit", "address": "127.0.0.1", "port": port, "tls": "implicit"}])
+    relay.start()
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=15) as smtp:
+        smtp.ehlo("client.test")
+        assert "LOGIN" in smtp.esmtp_features["auth"]
+        smtp.user, smtp.password = "app", PASSWORD
+        code, _ = smtp.auth("LOGIN", smtp.auth_login)
+        assert code == 235
+        smtp.sendmail("app@example.org", ["bob@example.test"], make_message("implicit tls"))
+    [received] = mx.wait_messages(1)
+    assert b"with ESMTPSA id" in received.data
+
+
+def test_provider_by_mx_pattern_and_smarthost_route(relay_factory, dns_server, mx_farm):
+    dns_server.mx("hosted.test", (10, "in1.bigmail.test"))
+    dns_server.add("in1.bigmail.test", "A", "127.0.0.12")
+    bigmail = mx_farm.server("127.0.0.12")
+    smarthost = mx_farm.server("127.0.0.13")
+    relay = relay_factory(providers={
+        "bigmail": {"mx": ["*.bigmail.test"], "max_connections": 1},
+        "partner": {"domains": ["*.partner.test"], "route": f"127.0.0.13:{mx_farm.port}"},
+    })
+    first = relay.send("app@example.org", ["a@hosted.test"], make_message("by mx"))
+    second = relay.send("app@example.org", ["b@eu.partner.test"], make_message("routed"))
+    assert bigmail.wait_messages(1)[0].rcpt_tos == ["a@hosted.test"]
+    assert smarthost.wait_messages(1)[0].rcpt_tos == ["b@eu.partner.test"]
+    log = relay.wait_log(f"id={second} to=<b@eu.partner.test> provider=partner")
+    assert f"id={first} to=<a@hosted.test> provider=bigmail relay=in1.bigmail.test" in log
+    assert ("eu.partner.test.", "MX") not in dns_server.queries   # a route needs no MX
+
+
+def test_delivers_over_ipv6(relay_factory, dns_server, mx_farm):
+    dns_server.mx("six.test", (10, "mx.six.test"))
+    dns_server.add("mx.six.test", "AAAA", "::1")
+    mx = mx_farm.server("::1")
+    relay = relay_factory()
+    queue_id = relay.send("app@example.org", ["v6@six.test"], make_message("ipv6"))
+    assert mx.wait_messages(1)[0].rcpt_tos == ["v6@six.test"]
+    relay.wait_log(f"id={queue_id} to=<v6@six.test> provider=default relay=mx.six.test[::1]")
