@@ -128,12 +128,10 @@ class Submission(SMTP):
         if self.envelope.mail_from is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
-        try:
-            sender, items = split_path(arg or "", "FROM:")
-            params = parse_params(items)
-        except PathError as exc:
-            await self.push(f"501 5.5.4 Syntax: MAIL FROM:<address> ({exc})")
+        parsed = await self._parse_path(arg, "FROM:")
+        if parsed is None:
             return
+        sender, params = parsed
         reply = self._check_mail_params(params)
         if reply:
             await self.push(reply)
@@ -150,6 +148,17 @@ class Submission(SMTP):
         self.envelope.smtp_utf8 = utf8
         self.mail_params = params
         await self.push("250 2.1.0 Ok")
+
+    async def _parse_path(self, arg: str | None,
+                          keyword: str) -> tuple[str, dict[str, str]] | None:
+        """"FROM:<a@b> K=V" → ("a@b", {"K": "V"}); a syntax error is answered here."""
+        try:
+            path, items = split_path(arg or "", keyword)
+            return path, parse_params(items)
+        except PathError as exc:
+            verb = "MAIL FROM" if keyword == "FROM:" else "RCPT TO"
+            await self.push(f"501 5.5.4 Syntax: {verb}:<address> ({exc})")
+            return None
 
     def _check_mail_params(self, params: dict[str, str]) -> str | None:
         for key, value in params.items():
@@ -181,6 +190,22 @@ class Submission(SMTP):
                 return f"555 5.5.4 Unsupported MAIL parameter {key}"
         return None
 
+    def _check_rcpt_params(self, params: dict[str, str]) -> str | None:
+        """RFC 3461 NOTIFY and ORCPT; normalises NOTIFY in place."""
+        for key, value in params.items():
+            if key == "NOTIFY":
+                words = value.upper().split(",")
+                if not (words == ["NEVER"] or set(words) <= {"SUCCESS", "FAILURE", "DELAY"}):
+                    return "501 5.5.4 NOTIFY is NEVER or SUCCESS,FAILURE,DELAY"
+                params[key] = ",".join(words)
+            elif key == "ORCPT":
+                kind, semi, _ = value.partition(";")
+                if not semi or not kind:
+                    return "501 5.5.4 ORCPT is addr-type;xtext"
+            else:
+                return f"555 5.5.4 Unsupported RCPT parameter {key}"
+        return None
+
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
@@ -191,34 +216,19 @@ class Submission(SMTP):
         if len(self.recipients) >= self.handler.config.limits.max_recipients:
             await self.push("452 4.5.3 Error: too many recipients")
             return
-        try:
-            address, items = split_path(arg or "", "TO:")
-            params = parse_params(items)
-        except PathError as exc:
-            await self.push(f"501 5.5.4 Syntax: RCPT TO:<address> ({exc})")
+        parsed = await self._parse_path(arg, "TO:")
+        if parsed is None:
             return
+        address, params = parsed
         if not address or not valid_mailbox(address, self.envelope.smtp_utf8):
             await self.push("501 5.1.3 Bad recipient address syntax")
             return
-        notify = orcpt = None
-        for key, value in params.items():
-            if key == "NOTIFY":
-                words = value.upper().split(",")
-                if not words or not (words == ["NEVER"] or set(words) <= {
-                        "SUCCESS", "FAILURE", "DELAY"}):
-                    await self.push("501 5.5.4 NOTIFY is NEVER or SUCCESS,FAILURE,DELAY")
-                    return
-                notify = ",".join(words)
-            elif key == "ORCPT":
-                kind, semi, _ = value.partition(";")
-                if not semi or not kind:
-                    await self.push("501 5.5.4 ORCPT is addr-type;xtext")
-                    return
-                orcpt = value
-            else:
-                await self.push(f"555 5.5.4 Unsupported RCPT parameter {key}")
-                return
-        self.recipients.append(EnvelopeRecipient(address, notify, orcpt))
+        reply = self._check_rcpt_params(params)
+        if reply:
+            await self.push(reply)
+            return
+        self.recipients.append(EnvelopeRecipient(address, params.get("NOTIFY"),
+                                                 params.get("ORCPT")))
         self.envelope.rcpt_tos.append(address)
         await self.push("250 2.1.5 Ok")
 
