@@ -100,6 +100,7 @@ def _restore(recovered: Recovered) -> QueuedMessage:
                 recipient.attempts = record.attempts
                 recipient.next_attempt = record.next_attempt
                 recipient.last_reply = record.reply
+                recipient.warned = recipient.warned or record.warned
     for recipient in message.recipients:
         if recipient.status is RecipientStatus.DEFERRED and recipient.next_attempt <= 0:
             recipient.status = RecipientStatus.PENDING

@@ -368,3 +368,29 @@ def test_delivers_over_ipv6(relay_factory, dns_server, mx_farm):
     queue_id = relay.send("app@example.org", ["v6@six.test"], make_message("ipv6"))
     assert mx.wait_messages(1)[0].rcpt_tos == ["v6@six.test"]
     relay.wait_log(f"id={queue_id} to=<v6@six.test> provider=default relay=mx.six.test[::1]")
+
+
+def test_warn_after_sends_one_delay_dsn_and_keeps_trying(relay_factory, dns_server, mx_farm,
+                                                         example_org):
+    dns_server.add("example.test", "A", "127.0.0.2")
+    mx = mx_farm.server("127.0.0.2")
+    mx.rcpt_hook = lambda a: "451 4.2.0 Try again later"
+    relay = relay_factory(retry={"initial": "1s", "max": "1s", "warn_after": "1s"})
+    queue_id = relay.send("app@example.org", ["late@example.test"], make_message("delay"))
+    [dsn] = example_org.wait_messages(1, timeout=30)
+    message, [recipient] = _dsn_parts(dsn.data)
+    assert message["Subject"] == "Delayed Mail (still being retried)"
+    assert recipient["Action"] == "delayed"
+    assert recipient["Status"] == "4.2.0"
+    relay.wait_log(f"id={queue_id} to=<late@example.test> provider=default "
+                   "relay=example.test[127.0.0.2]:")
+    # Warned once, durably: later attempts and a restart do not warn again.
+    log = relay.wait_log("attempt=4 ")
+    assert log.count("sender delay notification") == 1
+    relay.stop()
+    relay.start()
+    relay.wait_log("attempt=5 ")
+    mx.rcpt_hook = lambda a: None
+    mx.wait_messages(1, timeout=30)
+    relay.stop()
+    assert len(example_org.messages) == 1

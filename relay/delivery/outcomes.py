@@ -35,9 +35,10 @@ class Attempt:
     verdict: Verdict
 
 
-def _notify_failure(spec: EnvelopeRecipient) -> bool:
-    """RFC 3461: no NOTIFY means failures are reported; NEVER means nothing is."""
-    return spec.notify is None or "FAILURE" in spec.notify.upper().split(",")
+def _notify(spec: EnvelopeRecipient, event: str) -> bool:
+    """RFC 3461 §4.1: without NOTIFY, failures and delays are reported (as Postfix does);
+    NEVER means nothing is."""
+    return spec.notify is None or event in spec.notify.upper().split(",")
 
 
 class Outcomes:
@@ -59,6 +60,7 @@ class Outcomes:
         now = time.time()
         retry = self._config.retry
         failures: list[Failure] = []
+        delays: list[Failure] = []
         deferred: list[Recipient] = []
         for attempt in attempts:
             recipient, reply = attempt.recipient, attempt.reply
@@ -74,13 +76,20 @@ class Outcomes:
                                     f"delivery time expired (last reply: {reply})")
             recipient.status = status
             recipient.last_reply = str(reply)
+            # Remote-MTA only when a remote server gave this reply (not for our own expiry).
+            remote = None
+            if relay and status is not RecipientStatus.EXPIRED:
+                remote = relay.partition("[")[0]
             if status is RecipientStatus.DEFERRED:
                 recipient.next_attempt = now + backoff(retry, recipient.attempts)
                 deferred.append(recipient)
+                if (retry.warn_after is not None and not recipient.warned
+                        and now - envelope.received_at >= retry.warn_after
+                        and envelope.sender and _notify(recipient.spec, "DELAY")):
+                    recipient.warned = True
+                    delays.append(Failure(recipient.spec, reply, remote, action="delayed"))
             elif status in (RecipientStatus.BOUNCED, RecipientStatus.EXPIRED):
-                if envelope.sender and _notify_failure(recipient.spec):
-                    remote = relay.partition("[")[0] if relay and not reply.enhanced.startswith(
-                        "5.4.7") else None
+                if envelope.sender and _notify(recipient.spec, "FAILURE"):
                     failures.append(Failure(recipient.spec, reply, remote))
             log.info(
                 "id=%s to=<%s> provider=%s relay=%s delay=%.1f attempt=%d dsn=%s status=%s (%s)",
@@ -88,8 +97,9 @@ class Outcomes:
                 now - envelope.received_at, recipient.attempts, reply.status,
                 {RecipientStatus.EXPIRED: "expired"}.get(status, verdict.value), reply)
 
-        if failures:
-            await self._bounce(message, failures, now)
+        for notices in (failures, delays):
+            if notices:
+                await self._bounce(message, notices, now)
         if message.done:
             await self._spool.remove(envelope.id)
         else:
@@ -106,14 +116,13 @@ class Outcomes:
             recipients=(EnvelopeRecipient(envelope.sender),), received_at=now, size=len(dsn),
             class_name="transactional", account="MAILER-DAEMON", smtputf8=envelope.smtputf8)
         await self._inject(dsn_envelope, dsn)
-        log.info("id=%s bounce: sender non-delivery notification: %s", envelope.id,
-                 dsn_envelope.id)
+        kind = "delay" if failures[0].action == "delayed" else "non-delivery"
+        log.info("id=%s sender %s notification: %s", envelope.id, kind, dsn_envelope.id)
 
 
 def _records(attempts: list[Attempt]) -> list[StateRecord]:
-    groups: dict[tuple[RecipientStatus, int, float, str], list[int]] = defaultdict(list)
+    groups: dict[tuple[RecipientStatus, int, float, str, bool], list[int]] = defaultdict(list)
     for attempt in attempts:
         r = attempt.recipient
-        groups[(r.status, r.attempts, r.next_attempt, r.last_reply)].append(r.index)
-    return [StateRecord(tuple(indices), status, attempts_, next_attempt, reply)
-            for (status, attempts_, next_attempt, reply), indices in groups.items()]
+        groups[(r.status, r.attempts, r.next_attempt, r.last_reply, r.warned)].append(r.index)
+    return [StateRecord(tuple(indices), *key) for key, indices in groups.items()]

@@ -14,7 +14,7 @@ from relay.spool.records import Envelope, EnvelopeRecipient, RecipientStatus
 class Recipient:
     """Progress of one recipient of one message."""
 
-    __slots__ = ("attempts", "index", "last_reply", "next_attempt", "spec", "status")
+    __slots__ = ("attempts", "index", "last_reply", "next_attempt", "spec", "status", "warned")
 
     def __init__(self, index: int, spec: EnvelopeRecipient) -> None:
         self.index = index
@@ -23,6 +23,7 @@ class Recipient:
         self.attempts = 0
         self.next_attempt = 0.0
         self.last_reply = ""
+        self.warned = False
 
     @property
     def address(self) -> str:

@@ -83,11 +83,14 @@ class StateRecord:
     attempts: int
     next_attempt: float
     reply: str
+    warned: bool = False        # a delay DSN (retry.warn_after) was sent for these
 
     def encode(self) -> bytes:
-        return json.dumps([list(self.indices), int(self.status), self.attempts,
-                           round(self.next_attempt, 3), self.reply],
-                          separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        fields: list[object] = [list(self.indices), int(self.status), self.attempts,
+                                round(self.next_attempt, 3), self.reply]
+        if self.warned:
+            fields.append(1)
+        return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
     @classmethod
     def decode_log(cls, raw: bytes) -> list[StateRecord]:
@@ -96,9 +99,9 @@ class StateRecord:
             if not line:
                 continue
             try:
-                indices, status, attempts, next_attempt, reply = json.loads(line)
+                indices, status, attempts, next_attempt, reply, *rest = json.loads(line)
                 records.append(cls(tuple(indices), RecipientStatus(status), attempts,
-                                   next_attempt, reply))
+                                   next_attempt, reply, bool(rest and rest[0])))
             except (ValueError, TypeError):
                 continue  # torn write at a crash: that outcome is simply repeated
         return records
