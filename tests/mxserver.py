@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,13 +23,16 @@ class Received:
     rcpt_tos: list[str]
     data: bytes
     mail_options: list[str] = field(default_factory=list)
+    tls: bool = False
 
 
 class MxServer:
     """One destination host. Hooks return a reply line to refuse, or None to accept."""
 
-    def __init__(self, farm: MxFarm, host: str, port: int) -> None:
+    def __init__(self, farm: MxFarm, host: str, port: int,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self.farm = farm
+        self.tls_context = tls_context
         self.host = host
         self.port = port
         self.messages: list[Received] = []
@@ -104,7 +108,8 @@ class _Handler:
 
     async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
         message = Received(self.conn, envelope.mail_from, list(envelope.rcpt_tos),
-                           envelope.original_content or b"", list(envelope.mail_options))
+                           envelope.original_content or b"", list(envelope.mail_options),
+                           tls=session.ssl is not None)
         refusal = self.server.data_hook(message)
         if refusal:
             return refusal
@@ -117,7 +122,7 @@ class _Protocol(SMTP):
         self.conn = server._opened()
         self.mx = server
         super().__init__(_Handler(server, self.conn), hostname=f"mx-{server.host}",
-                         enable_SMTPUTF8=True)
+                         enable_SMTPUTF8=True, tls_context=server.tls_context)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.mx.greeting and self.transport is None:
@@ -148,8 +153,8 @@ class MxFarm:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="mx")
         self._thread.start()
 
-    def server(self, host: str) -> MxServer:
-        server = MxServer(self, host, self.port)
+    def server(self, host: str, tls_context: ssl.SSLContext | None = None) -> MxServer:
+        server = MxServer(self, host, self.port, tls_context)
         asyncio.run_coroutine_threadsafe(server.start(), self.loop).result(10)
         self.servers[host] = server
         return server

@@ -394,3 +394,38 @@ def test_warn_after_sends_one_delay_dsn_and_keeps_trying(relay_factory, dns_serv
     mx.wait_messages(1, timeout=30)
     relay.stop()
     assert len(example_org.messages) == 1
+
+
+@pytest.fixture
+def mx_tls_context():
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("mx.tls.test").configure_cert(context)
+    return context
+
+
+def test_opportunistic_starttls_to_the_destination(relay_factory, dns_server, mx_farm,
+                                                   mx_tls_context):
+    dns_server.mx("tls.test", (10, "mx.tls.test"))
+    dns_server.add("mx.tls.test", "A", "127.0.0.14")
+    mx = mx_farm.server("127.0.0.14", tls_context=mx_tls_context)
+    relay = relay_factory()
+    relay.send("app@example.org", ["x@tls.test"], make_message("encrypted"))
+    [received] = mx.wait_messages(1)
+    assert received.tls   # certificate unknown to relay: still encrypted (RFC 7435)
+
+
+def test_required_tls_refuses_an_unverifiable_destination(relay_factory, dns_server, mx_farm,
+                                                          mx_tls_context):
+    dns_server.mx("tls.test", (10, "mx.tls.test"))
+    dns_server.add("mx.tls.test", "A", "127.0.0.14")
+    mx = mx_farm.server("127.0.0.14", tls_context=mx_tls_context)
+    relay = relay_factory(providers={"strict": {"domains": ["tls.test"], "tls": "required"}})
+    queue_id = relay.send("app@example.org", ["x@tls.test"], make_message("must be verified"))
+    log = relay.wait_log(f"id={queue_id} to=<x@tls.test> provider=strict")
+    assert "status=deferred" in log and "dsn=4.7.5" in log
+    assert mx.messages == []

@@ -186,14 +186,12 @@ class Connector:
         where = f"{host}[{address}]:{port}"
         try:
             await smtp.connect(timeout=delivery.connect_timeout)
-            try:
-                await smtp.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                await smtp.helo()
+            await _greet(smtp)
             if tls != "disabled" and smtp.supports_extension("starttls"):
                 try:
                     await smtp.starttls(server_hostname=host, validate_certs=tls == "required",
                                         tls_context=_client_context(tls))
+                    await _greet(smtp)  # RFC 3207 §4.2: the server forgot everything
                 except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
                     smtp.close()
                     if tls == "required":
@@ -215,6 +213,13 @@ class Connector:
             raise TransientDeliveryError(Reply.local(
                 451, "4.4.1", f"connect to {where} failed: {exc or type(exc).__name__}")) from exc
         return Connection(smtp, destination, host, address, port)
+
+
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        await smtp.helo()
 
 
 def _client_context(tls: DeliveryTls) -> ssl.SSLContext:
