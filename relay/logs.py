@@ -32,5 +32,6 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aiosmtpd logs every command at INFO; keep its chatter for debugging only.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd logs every command at INFO and warns about its own internal use of
+    # Session.login_data on every AUTH; our own log lines say what matters.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
