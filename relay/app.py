@@ -16,9 +16,10 @@ from relay.delivery.dispatcher import Dispatcher
 from relay.delivery.outcomes import Outcomes
 from relay.dns.resolver import Resolver
 from relay.listener.server import start_listeners
-from relay.routing.models import QueuedMessage
+from relay.routing.models import QueuedMessage, Recipient
 from relay.routing.router import Router
 from relay.routing.scheduler import Scheduler
+from relay.shaping.suspensions import Suspensions
 from relay.spool.records import Envelope, RecipientStatus
 from relay.spool.store import Recovered, Spool
 from relay.tls import server_context
@@ -33,12 +34,13 @@ class Relay:
         resolver = Resolver(config.dns)
         self.router = Router(config, resolver)
         self.outcomes = Outcomes(config, self.spool, self._requeue, self._inject)
+        self.suspensions = Suspensions(config.spool_path)
         self.dispatcher = Dispatcher(config, Connector(config, resolver), self.outcomes,
-                                     self.spool)
+                                     self.spool, self.suspensions, self._requeue)
         self.scheduler = Scheduler(self.router, self.dispatcher.enqueue)
         self.servers: list[asyncio.Server] = []
 
-    def _requeue(self, message: QueuedMessage, recipients: list) -> None:  # type: ignore[type-arg]
+    def _requeue(self, message: QueuedMessage, recipients: list[Recipient]) -> None:
         self.scheduler.defer(message, recipients)
 
     async def _inject(self, envelope: Envelope, data: bytes) -> None:
@@ -65,9 +67,24 @@ class Relay:
             self.scheduler.submit(message)
         return messages, recipients
 
+    def _restore_lane(self, key: str) -> None:
+        """Create a suspended provider's lane now, so it is paused before any mail routes."""
+        provider = next((p for p in self.config.providers if p.name == key), None)
+        if provider is not None:
+            destination = self.router.destination_for(provider)
+        elif key.startswith("default:"):
+            destination = self.router.destination_for(None, key.partition(":")[2])
+        else:
+            return  # a provider no longer in the config
+        self.dispatcher.lane(destination)
+
     async def run(self, stop: asyncio.Event) -> None:
         tls_context = self.prepare()
         started = time.monotonic()
+        for key, suspension in self.suspensions.load().items():
+            log.info("lane %s stays suspended for %.0fs: %s", key,
+                     suspension.until - time.time(), suspension.reason)
+            self._restore_lane(key)
         messages, recipients = await self.recover()
         log.info("spool %s: recovered %d messages, %d recipients to deliver (%.1fs)",
                  self.spool.path, messages, recipients, time.monotonic() - started)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from relay.config.model import Config, DeliveryTls, Shaping
+from relay.config.model import Config, DeliveryTls, Rule, Shaping
 from relay.dns.resolver import Resolver
 from relay.errors import (
     DestinationUnreachable,
@@ -144,7 +144,14 @@ class Connector:
         self._config = config
         self._resolver = resolver
 
-    async def open(self, domain: str, shaping: Shaping) -> Connection:
+    async def open(self, domain: str, shaping: Shaping,
+                   rules: tuple[Rule, ...] = ()) -> Connection:
+        """Connect to the first host that greets well.
+
+        A greeting or EHLO reply that matches a rule ends the search at once (raised as
+        Transient/PermanentDeliveryError): the provider has said how to treat it, and
+        trying its other hosts would ignore that.
+        """
         delivery = self._config.delivery
         if shaping.route is not None:
             host, port = shaping.route
@@ -167,10 +174,10 @@ class Connector:
             for address in addresses:
                 try:
                     return await self._connect(destination, name, address, port, shaping.tls)
-                except TransientDeliveryError as exc:
-                    last = exc.reply
-                except PermanentDeliveryError as exc:
-                    last = exc.reply  # a 5xx greeting: Postfix tries the next MX too
+                except (TransientDeliveryError, PermanentDeliveryError) as exc:
+                    if any(rule.pattern.search(str(exc.reply)) for rule in rules):
+                        raise
+                    last = exc.reply  # a 4xx/5xx greeting: Postfix tries the next MX too
         if all_permanent and last is not None:
             raise DnsPermanentError(last)
         raise DestinationUnreachable(last or Reply.local(

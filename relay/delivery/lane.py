@@ -1,13 +1,16 @@
 """A delivery lane: one provider (or one default-routed domain) and its connections.
 
-Each worker owns at most one connection, and a lane runs at most `max_connections`
-workers, so the limit holds by construction. A worker carries up to
-`max_messages_per_connection` transactions on its connection, keeps it for
-`idle_connection_timeout` waiting for more work, then QUITs. Ready batches wait in one
-queue per class; the highest-priority class is served first.
+Each worker owns at most one connection, and a lane runs at most
+`shaper.max_connections()` workers, so the connection limit holds by construction. A
+worker carries up to `max_messages_per_connection` transactions on its connection,
+keeps it for `idle_connection_timeout` waiting for more work, then QUITs. Ready
+batches wait in one queue per class; the highest-priority class whose rate allows
+goes first, so transactional mail takes the next free slot before bulk.
 
-When no MX host of the destination can be reached, the lane pauses as a whole
-(queue-level backoff) rather than failing message after message against a dead host.
+A lane pauses as a whole, with no connection attempt while paused, when a rule
+suspends the provider or when no MX host can be reached (then with exponential
+backoff). It reopens with one connection and widens on success (slow start). Waiting
+mail stays queued through a pause: that is not a failed attempt.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from relay.config.model import Config
+from relay.config.model import Config, Rule
 from relay.delivery.classify import classify
 from relay.delivery.client import Connection, Connector
 from relay.delivery.outcomes import Attempt, Outcomes
@@ -26,27 +29,36 @@ from relay.errors import (
     DestinationUnreachable,
     DnsPermanentError,
     DnsTemporaryError,
+    PermanentDeliveryError,
     SpoolError,
     TransientDeliveryError,
 )
 from relay.reply import Reply, Verdict
-from relay.routing.models import Batch
+from relay.routing.models import Batch, QueuedMessage, Recipient
 from relay.routing.retry import backoff, expired
 from relay.routing.router import Destination
+from relay.shaping.shaper import Shaper
+from relay.shaping.suspensions import Suspensions
 from relay.spool.store import Spool
 
 log = logging.getLogger("relay.delivery")
 
+Requeue = Callable[[QueuedMessage, list[Recipient]], None]
+
 
 class Lane:
     def __init__(self, destination: Destination, config: Config, connector: Connector,
-                 outcomes: Outcomes, spool: Spool, on_idle: Callable[[Lane], None]) -> None:
+                 outcomes: Outcomes, spool: Spool, suspensions: Suspensions,
+                 requeue: Requeue, on_idle: Callable[[Lane], None]) -> None:
         self.destination = destination
         self.shaping = destination.shaping
+        self.shaper = Shaper(self.shaping, config.classes)
         self._config = config
         self._connector = connector
         self._outcomes = outcomes
         self._spool = spool
+        self._suspensions = suspensions
+        self._requeue = requeue
         self._on_idle = on_idle
         self._rules = self.shaping.rules + config.rules
         self._ready: dict[str, deque[Batch]] = {}
@@ -56,19 +68,28 @@ class Lane:
         self._idle = 0
         self._wakeup = asyncio.Event()
         self._paused_until = 0.0
+        self.suspended: str | None = None    # the reason, while a rule or an admin suspends
         self._failures = 0
         self._resume: asyncio.TimerHandle | None = None
         self._sweeps: set[asyncio.Task[None]] = set()
+        restored = suspensions.get(self.key)
+        if restored is not None:
+            self.suspend(restored.until - time.time(), restored.reason, persist=False)
 
     @property
     def key(self) -> str:
         return self.destination.lane_key
 
     @property
+    def paused(self) -> bool:
+        return self._paused_until > time.monotonic()
+
+    @property
     def busy(self) -> bool:
         """A paused lane stays registered: forgetting it would forget its backoff."""
-        return bool(self.pending or self._workers or self._sweeps
-                    or self._paused_until > time.monotonic())
+        return bool(self.pending or self._workers or self._sweeps or self.paused)
+
+    # queueing
 
     def push(self, batch: Batch) -> None:
         queue = self._ready.get(batch.class_name)
@@ -81,12 +102,62 @@ class Lane:
         self.pending += 1
         self._kick()
 
+    def _unshift(self, batch: Batch) -> None:
+        """Put a taken batch back at the head of its queue (it was not attempted)."""
+        self._ready[batch.class_name].appendleft(batch)
+        self.pending += 1
+        self.shaper.refund_message(batch.class_name)
+
+    def _take(self) -> tuple[Batch | None, float | None]:
+        """The next batch its rates allow, or how long until one is allowed."""
+        if not self.pending:
+            return None, None
+        wait = self.shaper.provider_delay()
+        if wait > 0:
+            return None, wait
+        soonest: float | None = None
+        for name in self._order:
+            queue = self._ready[name]
+            if not queue:
+                continue
+            class_wait = self.shaper.class_delay(name)
+            if class_wait > 0:
+                soonest = class_wait if soonest is None else min(soonest, class_wait)
+                continue
+            self.pending -= 1
+            self.shaper.take_message(name)
+            return queue.popleft(), None
+        return None, soonest
+
+    def _admit_recipients(self, batch: Batch) -> Batch | None:
+        """Hold back recipients whose mailbox rate is spent: they wait, never dropped."""
+        if self.shaping.recipient_rate is None:
+            return batch
+        allowed, held = [], []
+        for recipient in batch.recipients:
+            wait = self.shaper.mailbox_delay(recipient.address)
+            if wait > 0:
+                recipient.next_attempt = time.time() + wait
+                held.append(recipient)
+            else:
+                self.shaper.take_mailbox(recipient.address)
+                allowed.append(recipient)
+        if held:
+            self._requeue(batch.message, held)
+        if not allowed:
+            self.shaper.refund_message(batch.class_name)
+            return None
+        batch.recipients = allowed
+        return batch
+
+    # workers
+
     def _kick(self) -> None:
-        if self._paused_until > time.monotonic() or not self.pending:
+        if self.paused or not self.pending:
             return
         if self._idle:
             self._wakeup.set()
-        elif len(self._workers) < self.shaping.max_connections:
+        elif len(self._workers) < self.shaper.max_connections():
             task = asyncio.create_task(self._worker(), name=f"lane {self.key}")
             self._workers.add(task)
             task.add_done_callback(self._worker_done)
@@ -100,24 +171,28 @@ class Lane:
         elif not self.busy:
             self._on_idle(self)
 
-    def _take(self) -> Batch | None:
-        for name in self._order:
-            queue = self._ready[name]
-            if queue:
-                self.pending -= 1
-                return queue.popleft()
-        return None
-
     async def _worker(self) -> None:
         connection: Connection | None = None
         try:
-            while self._paused_until <= time.monotonic():
-                batch = self._take()
+            while not self.paused:
+                if len(self._workers) > self.shaper.max_connections():
+                    # throttled or ramping: this worker is surplus; leave the set now so
+                    # that only as many workers leave as there are too many
+                    current = asyncio.current_task()
+                    if current is not None:
+                        self._workers.discard(current)
+                    break
+                batch, wait = self._take()
                 if batch is None:
+                    if wait is not None:
+                        await asyncio.sleep(wait)   # a rate allows the next one then
+                        continue
                     if connection is None or not await self._wait_for_work():
                         break
                     continue
-                connection = await self._deliver(batch, connection)
+                admitted = self._admit_recipients(batch)
+                if admitted is not None:
+                    connection = await self._deliver(admitted, connection)
         finally:
             if connection is not None:
                 await asyncio.shield(connection.close())
@@ -128,14 +203,14 @@ class Lane:
         try:
             while not self.pending:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self.paused:
                     return False
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     return False
-            return True
+            return not self.paused
         finally:
             self._idle -= 1
 
@@ -145,6 +220,33 @@ class Lane:
             return f"[{host}]:{port}"
         return batch.domain
 
+    async def _open(self, batch: Batch) -> Connection | None:
+        """A new connection for `batch`, or None when the batch was settled or put back."""
+        wait = self.shaper.connection_delay()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if self.paused:
+            self._unshift(batch)
+            return None
+        self.shaper.take_connection()
+        try:
+            connection = await self._connector.open(batch.domain, self.shaping, self._rules)
+        except DnsPermanentError as exc:
+            await self._settle(batch, exc.reply, Verdict.BOUNCED, None)
+            return None
+        except (DestinationUnreachable, DnsTemporaryError) as exc:
+            await self._settle(batch, exc.reply, Verdict.DEFERRED, None)
+            self._destination_failed(exc.reply)
+            return None
+        except (TransientDeliveryError, PermanentDeliveryError) as exc:
+            # The greeting or EHLO reply matched a rule: the provider spoke for itself.
+            verdict = classify(exc.reply, self._rules)
+            await self._settle(batch, exc.reply, verdict.verdict, None)
+            self._apply(verdict.rule, exc.reply)
+            return None
+        self._failures = 0
+        return connection
+
     async def _deliver(self, batch: Batch, connection: Connection | None) -> Connection | None:
         if connection is not None and (
                 not connection.usable or connection.destination != self._destination_key(batch)
@@ -152,16 +254,9 @@ class Lane:
             await connection.close()
             connection = None
         if connection is None:
-            try:
-                connection = await self._connector.open(batch.domain, self.shaping)
-            except DnsPermanentError as exc:
-                await self._settle(batch, exc.reply, Verdict.BOUNCED, None)
+            connection = await self._open(batch)
+            if connection is None:
                 return None
-            except (DestinationUnreachable, DnsTemporaryError) as exc:
-                await self._settle(batch, exc.reply, Verdict.DEFERRED, None)
-                self._destination_failed(exc.reply)
-                return None
-            self._failures = 0
         try:
             message = await self._spool.load_message(batch.message.id,
                                                      batch.message.body_offset)
@@ -176,14 +271,22 @@ class Lane:
         except TransientDeliveryError as exc:
             replies, fallback = {}, exc.reply
             connection.smtp.close()
-        attempts = []
+        attempts: list[Attempt] = []
+        fired: dict[int, tuple[Rule, Reply]] = {}
         for recipient in batch.recipients:
             reply = replies.get(recipient.index) or fallback or Reply.local(
                 451, "4.4.2", f"{connection.description} closed the session before RCPT")
-            attempts.append(Attempt(recipient, reply, classify(reply, self._rules).verdict))
+            verdict = classify(reply, self._rules)
+            attempts.append(Attempt(recipient, reply, verdict.verdict))
+            if verdict.rule is not None:
+                fired.setdefault(id(verdict.rule), (verdict.rule, reply))
         await self._outcomes.settle(batch, attempts, connection.description,
                                     self.destination.provider)
-        if not connection.usable:
+        for rule, reply in fired.values():
+            self._apply(rule, reply)
+        if any(a.verdict is Verdict.DELIVERED for a in attempts) and self.shaper.succeeded():
+            self._kick()
+        if not connection.usable or self.paused:
             await connection.close()
             return None
         return connection
@@ -193,16 +296,76 @@ class Lane:
         attempts = [Attempt(r, reply, verdict) for r in batch.recipients]
         await self._outcomes.settle(batch, attempts, relay, self.destination.provider)
 
+    # pauses: suspensions, throttles, unreachable destinations
+
+    def _apply(self, rule: Rule | None, reply: Reply) -> None:
+        if rule is None:
+            return
+        if rule.action == "suspend" and rule.duration:
+            self.suspend(rule.duration, str(reply))
+        elif rule.action == "throttle":
+            self.shaper.throttle(rule)
+            log.warning("provider=%s throttled for %.0fs (rate=%s max_connections=%s): %s",
+                        self.destination.provider, rule.duration or 0, rule.rate or "-",
+                        rule.max_connections or "-", reply)
+
+    def suspend(self, duration: float, reason: str, persist: bool = True) -> None:
+        """No new transaction for `duration`; in-flight ones finish, waiting mail stays."""
+        if duration <= 0:
+            return
+        if persist:
+            self._suspensions.set(self.key, time.time() + duration, reason)
+        self.suspended = reason
+        log.warning("provider=%s lane=%s suspended for %.0fs%s: %s", self.destination.provider,
+                    self.key, duration, "" if persist else " (restored)", reason)
+        self._pause(duration)
+
+    def resume(self) -> None:
+        """End a pause now (its timer, or an admin); reopen slowly."""
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        self._paused_until = 0.0
+        if self.suspended is not None:
+            self.suspended = None
+            self._suspensions.clear(self.key)
+            log.info("provider=%s lane=%s resumed", self.destination.provider, self.key)
+        self.shaper.restart_slowly()
+        self._sweep_expired(Reply.local(451, "4.4.1", "destination was unavailable"))
+        if self.pending:
+            self._kick()
+        elif not self.busy:
+            self._on_idle(self)
+
+    def _pause(self, duration: float) -> None:
+        until = time.monotonic() + duration
+        if until <= self._paused_until:
+            return
+        self._paused_until = until
+        if self._resume is not None:
+            self._resume.cancel()
+        self._resume = asyncio.get_running_loop().call_later(duration, self._resume_due)
+        self._wakeup.set()   # idle workers notice and close their connections
+
+    def _resume_due(self) -> None:
+        self._resume = None
+        if self.paused:   # extended meanwhile
+            self._resume = asyncio.get_running_loop().call_later(
+                self._paused_until - time.monotonic(), self._resume_due)
+            return
+        self.resume()
+
     def _destination_failed(self, reply: Reply) -> None:
         """Back off the whole lane; expire what waited too long while it was down."""
         self._failures += 1
         delay = backoff(self._config.retry, self._failures)
-        self._paused_until = time.monotonic() + delay
         log.warning("provider=%s destination=%s unreachable, queue deferred for %.0fs: %s",
                     self.destination.provider, self.key, delay, reply)
-        if self._resume is not None:
-            self._resume.cancel()
-        self._resume = asyncio.get_running_loop().call_later(delay, self._resumed)
+        self._pause(delay)
+        self._sweep_expired(reply)
+
+    def _sweep_expired(self, reply: Reply) -> None:
+        """Settle batches past retry.lifetime (at pause edges only: O(n) once per pause)."""
         now = time.time()
         stale = []
         for queue in self._ready.values():
@@ -219,13 +382,6 @@ class Lane:
             task = asyncio.create_task(self._expire(stale, reply))
             self._sweeps.add(task)
             task.add_done_callback(self._sweep_done)
-
-    def _resumed(self) -> None:
-        self._resume = None
-        if self.pending:
-            self._kick()
-        elif not self.busy:
-            self._on_idle(self)
 
     def _sweep_done(self, task: asyncio.Task[None]) -> None:
         self._sweeps.discard(task)

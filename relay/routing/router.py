@@ -72,6 +72,9 @@ class Router:
         self._cache[domain] = destination
         return destination
 
+    def destination_for(self, provider: Provider | None, domain: str = "") -> Destination:
+        return self._destination(domain, provider)
+
     def _destination(self, domain: str, provider: Provider | None) -> Destination:
         if provider is not None:
             return Destination(provider.name, provider.name, provider.shaping)

@@ -1,0 +1,1 @@
+"""Shaping: rates (GCRA), a lane's live limits (throttles, slow start), suspensions."""
