@@ -48,3 +48,11 @@ def relay_factory(tmp_path: Path, dns_server: DnsServer, mx_farm: MxFarm,
     yield make
     for relay in started:
         relay.stop()
+
+
+@pytest.fixture
+def example_org(dns_server: DnsServer, mx_farm: MxFarm):  # type: ignore[no-untyped-def]
+    """The senders' own domain, so DSNs have somewhere to go."""
+    dns_server.mx("example.org", (10, "mx.example.org"))
+    dns_server.add("mx.example.org", "A", "127.0.0.9")
+    return mx_farm.server("127.0.0.9")

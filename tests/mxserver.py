@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ class Received:
     data: bytes
     mail_options: list[str] = field(default_factory=list)
     tls: bool = False
+    time: float = 0.0
 
 
 class MxServer:
@@ -40,6 +42,8 @@ class MxServer:
         self.open = 0
         self.max_open = 0
         self.transactions: dict[int, int] = {}
+        self.connect_times: list[float] = []
+        self.mail_hook: Callable[[str], str | None] = lambda sender: None
         self.rcpt_hook: Callable[[str], str | None] = lambda address: None
         self.data_hook: Callable[[Received], str | None] = lambda message: None
         self.greeting: str | None = None       # e.g. "421 4.3.2 busy": refuse at connect
@@ -61,6 +65,7 @@ class MxServer:
             self.connections += 1
             self.open += 1
             self.max_open = max(self.max_open, self.open)
+            self.connect_times.append(time.monotonic())
             conn = next(self.farm.ids)
             self.transactions[conn] = 0
             self.farm.cond.notify_all()
@@ -72,6 +77,7 @@ class MxServer:
             self.farm.cond.notify_all()
 
     def _record(self, message: Received) -> None:
+        message.time = time.monotonic()
         with self.farm.cond:
             self.messages.append(message)
             self.transactions[message.connection] += 1
@@ -97,6 +103,15 @@ class _Handler:
     def __init__(self, server: MxServer, conn: int) -> None:
         self.server = server
         self.conn = conn
+
+    async def handle_MAIL(self, smtp: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        refusal = self.server.mail_hook(address)
+        if refusal:
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
 
     async def handle_RCPT(self, smtp: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
@@ -149,6 +164,7 @@ class MxFarm:
         self.cond = threading.Condition()
         self.ids = itertools.count(1)
         self.servers: dict[str, MxServer] = {}
+        self.blackholes: list[Blackhole] = []
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="mx")
         self._thread.start()
@@ -162,6 +178,8 @@ class MxFarm:
     def stop(self) -> None:
         for server in self.servers.values():
             asyncio.run_coroutine_threadsafe(server.close(), self.loop).result(10)
+        for hole in self.blackholes:
+            asyncio.run_coroutine_threadsafe(hole.close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
@@ -178,6 +196,13 @@ class Blackhole:
             return await asyncio.start_server(self._accept, host, farm.port, reuse_address=True)
 
         self._server = asyncio.run_coroutine_threadsafe(start(), farm.loop).result(10)
+        farm.blackholes.append(self)
+
+    async def close(self) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for w in self._writers), return_exceptions=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

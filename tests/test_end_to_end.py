@@ -8,8 +8,6 @@ import smtplib
 
 import pytest
 
-from tests.dnsserver import DnsServer
-from tests.mxserver import MxFarm
 from tests.relayproc import make_message
 
 
@@ -22,14 +20,6 @@ def _dsn_parts(data: bytes) -> tuple[email.message.EmailMessage, list[dict[str, 
                   if p.get_content_type() == "message/delivery-status")
     blocks = [dict(b.items()) for b in status.get_payload()]
     return message, blocks[1:]
-
-
-@pytest.fixture
-def example_org(dns_server: DnsServer, mx_farm: MxFarm):
-    """The senders' own domain, so DSNs have somewhere to go."""
-    dns_server.mx("example.org", (10, "mx.example.org"))
-    dns_server.add("mx.example.org", "A", "127.0.0.9")
-    return mx_farm.server("127.0.0.9")
 
 
 def test_delivers_with_headers_intact(relay_factory, dns_server, mx_farm):

@@ -42,10 +42,12 @@ class Shaper:
         return limit
 
     def connection_delay(self) -> float:
-        return self._connections.delay(self._clock()) if self._connections else 0.0
+        if self._connections is None:
+            return 0.0
+        return self._connections.delay(self._clock())
 
     def take_connection(self) -> None:
-        if self._connections:
+        if self._connections is not None:
             self._connections.take(self._clock())
 
     # messages
@@ -80,10 +82,12 @@ class Shaper:
     # mailboxes
 
     def mailbox_delay(self, address: str) -> float:
-        return self._mailboxes.delay(address.lower(), self._clock()) if self._mailboxes else 0.0
+        if self._mailboxes is None:
+            return 0.0
+        return self._mailboxes.delay(address.lower(), self._clock())
 
     def take_mailbox(self, address: str) -> None:
-        if self._mailboxes:
+        if self._mailboxes is not None:
             self._mailboxes.take(address.lower(), self._clock())
 
     # adjustments

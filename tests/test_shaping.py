@@ -1,0 +1,251 @@
+"""Provider etiquette end to end: emulators with real reply texts, asserted from what they saw."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tests import providers as p
+from tests.mxserver import Blackhole
+from tests.relayproc import make_message
+
+
+def submit_many(relay, recipients_of, count: int, threads: int = 4,
+                headers: str = "") -> None:
+    """Submit `count` messages over `threads` parallel sessions; recipients_of(i) → list."""
+
+    def worker(offset: int) -> None:
+        with relay.client() as smtp:
+            for i in range(offset, count, threads):
+                smtp.sendmail("app@example.org", recipients_of(i),
+                              make_message(f"m{i}", headers=headers))
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(120)
+
+
+def route(dns_server, domain: str, ip: str) -> None:
+    dns_server.mx(domain, (10, f"mx.{domain}"))
+    dns_server.add(f"mx.{domain}", "A", ip)
+
+
+def assert_suspended_then_delivered(relay, mx, quirk_off, seconds: float, address: str):
+    """After the suspension is logged: no connection until it ends, then delivery."""
+    relay.wait_log("suspended for")
+    started = time.monotonic()
+    connections = mx.connections
+    quirk_off()
+    # Nothing must reach the provider while it is suspended: watch (bounded) for it.
+    assert not mx.wait_for(lambda: mx.connections > connections, timeout=seconds - 0.5), \
+        "the relay connected during the suspension"
+    [message] = mx.wait_messages(1, timeout=20)
+    assert message.rcpt_tos == [address]
+    assert message.time - started >= seconds - 0.6
+    relay.wait_log("resumed")
+
+
+def test_orange_ofr_506_suspends_then_delivers(relay_factory, dns_server, mx_farm):
+    route(dns_server, "orange.fr", "127.0.0.20")
+    mx = mx_farm.server("127.0.0.20")
+    quirk = p.Quirk(p.ORANGE_OFR_506)
+    mx.rcpt_hook = quirk
+    relay = relay_factory(**p.shipped("3s"))
+    relay.send("app@example.org", ["alice@orange.fr"], make_message("ofr"))
+    assert_suspended_then_delivered(relay, mx, quirk.off, 3, "alice@orange.fr")
+    log = relay.log()
+    assert "provider=orange" in log and "status=bounced" not in log
+
+
+def test_postscreen_busy_greeting_suspends_then_delivers(relay_factory, dns_server, mx_farm):
+    route(dns_server, "laposte.net", "127.0.0.21")
+    mx = mx_farm.server("127.0.0.21")
+    p.at_greeting(mx, p.LAPOSTE_BUSY)
+    relay = relay_factory(**p.shipped("3s"))
+    relay.send("app@example.org", ["bob@laposte.net"], make_message("busy"))
+
+    def greet_normally() -> None:
+        mx.greeting = None
+
+    assert_suspended_then_delivered(relay, mx, greet_normally, 3, "bob@laposte.net")
+    assert "All server ports are busy" in relay.log()
+
+
+def test_free_too_many_errors_suspends_then_delivers(relay_factory, dns_server, mx_farm):
+    route(dns_server, "free.fr", "127.0.0.22")
+    mx = mx_farm.server("127.0.0.22")
+    quirk = p.Quirk(p.FREE_TOO_MANY_ERRORS)
+    mx.mail_hook = quirk        # refused at MAIL FROM
+    relay = relay_factory(**p.shipped("3s"))
+    relay.send("app@example.org", ["carol@free.fr"], make_message("errors"))
+    assert_suspended_then_delivered(relay, mx, quirk.off, 3, "carol@free.fr")
+
+
+def test_facebook_pol_p4_suspends_then_delivers(relay_factory, dns_server, mx_farm):
+    route(dns_server, "facebook.com", "127.0.0.23")
+    mx = mx_farm.server("127.0.0.23")
+    p.at_greeting(mx, p.FACEBOOK_POL_P4)
+    relay = relay_factory(**p.shipped("3s"))
+    relay.send("app@example.org", ["dave@facebook.com"], make_message("pol-p4"))
+
+    def greet_normally() -> None:
+        mx.greeting = None
+
+    assert_suspended_then_delivered(relay, mx, greet_normally, 3, "dave@facebook.com")
+    assert "status=bounced" not in relay.log()   # a 554 that means "later" keeps the mail
+
+
+def test_laposte_lpn007_510_is_retried_not_bounced(relay_factory, dns_server, mx_farm,
+                                                   example_org):
+    route(dns_server, "laposte.net", "127.0.0.21")
+    mx = mx_farm.server("127.0.0.21")
+    mx.data_hook = p.Quirk(p.LAPOSTE_LATER, times=1)
+    relay = relay_factory(**p.shipped("3s"))
+    queue_id = relay.send("app@example.org", ["erin@laposte.net"], make_message("later"))
+    mx.wait_messages(1)
+    log = relay.wait_log(f"id={queue_id} to=<erin@laposte.net> provider=laposte")
+    assert "dsn=5.5.0 status=deferred" in relay.wait_log("status=delivered")
+    assert "status=bounced" not in log
+    relay.stop()
+    assert example_org.messages == []   # no DSN
+
+
+def test_mailbox_full_452_is_retried(relay_factory, dns_server, mx_farm):
+    route(dns_server, "example.test", "127.0.0.2")
+    mx = mx_farm.server("127.0.0.2")
+    mx.rcpt_hook = p.Quirk(p.MAILBOX_FULL, times=2)
+    relay = relay_factory()
+    relay.send("app@example.org", ["full@example.test"], make_message("quota"))
+    mx.wait_messages(1)
+    assert relay.log().count("dsn=4.2.2 status=deferred") == 2
+
+
+def test_suspension_survives_a_restart(relay_factory, dns_server, mx_farm):
+    route(dns_server, "orange.fr", "127.0.0.20")
+    mx = mx_farm.server("127.0.0.20")
+    quirk = p.Quirk(p.ORANGE_OFR_506)
+    mx.rcpt_hook = quirk
+    relay = relay_factory(**p.shipped("6s"))
+    relay.send("app@example.org", ["alice@orange.fr"], make_message("persist"))
+    relay.wait_log("suspended for")
+    suspended_at = time.monotonic()
+    quirk.off()
+    assert relay.stop() == 0
+    relay.start()
+    relay.wait_log("suspended for 5s (restored)") if "for 5s" in relay.log() else \
+        relay.wait_log("(restored)")
+    connections = mx.connections
+    remaining = 6 - (time.monotonic() - suspended_at)
+    assert not mx.wait_for(lambda: mx.connections > connections, timeout=remaining - 0.5)
+    assert mx.wait_messages(1, timeout=20)[0].rcpt_tos == ["alice@orange.fr"]
+
+
+def test_throttle_rule_narrows_connections(relay_factory, dns_server, mx_farm):
+    route(dns_server, "busy.test", "127.0.0.24")
+    mx = mx_farm.server("127.0.0.24")
+    mx.rcpt_hook = p.Quirk(p.TOO_MANY_CONNECTIONS, times=1)
+    relay = relay_factory(providers={"busy": {
+        "domains": ["busy.test"], "max_connections": 5, "max_messages_per_connection": 2,
+        "rules": [{"match": "too many connections", "action": "throttle",
+                   "max_connections": 1, "for": "1m"}]}})
+    relay.send("app@example.org", ["first@busy.test"], make_message("first"))
+    relay.wait_log("throttled for 60s")
+    opened = mx.connections
+    submit_many(relay, lambda i: [f"u{i}@busy.test"], 40)
+    mx.wait_messages(41)
+    assert mx.max_open >= 1
+    # after the throttle, one connection at a time
+    times = sorted(mx.connect_times[opened:])
+    assert len(times) >= 20
+    assert max(mx.transactions.values()) <= 2
+
+
+def test_limits_hold_with_1000_queued(relay_factory, dns_server, mx_farm):
+    route(dns_server, "orange.fr", "127.0.0.20")
+    mx = mx_farm.server("127.0.0.20")
+    relay = relay_factory(providers={"orange": {
+        "domains": ["orange.fr", "wanadoo.fr"], "max_connections": 2,
+        "max_messages_per_connection": 100}}, defaults={"max_recipients_per_message": 100})
+    submit_many(relay, lambda i: [f"user{i}@orange.fr"], 1000)
+    mx.wait_messages(1000, timeout=120)
+    assert mx.max_open <= 2, mx.max_open
+    assert max(mx.transactions.values()) <= 100
+    assert len(mx.messages) == 1000
+
+
+def test_smooth_rate_is_never_exceeded(relay_factory, dns_server, mx_farm):
+    route(dns_server, "paced.test", "127.0.0.25")
+    mx = mx_farm.server("127.0.0.25")
+    relay = relay_factory(providers={"paced": {"domains": ["paced.test"], "rate": "20/s",
+                                               "max_connections": 4}})
+    submit_many(relay, lambda i: [f"u{i}@paced.test"], 41)
+    messages = mx.wait_messages(41, timeout=60)
+    times = sorted(m.time for m in messages)
+    # 41 messages at 20/s: 40 intervals of 50 ms, so at least 2 s (the lower bound
+    # cannot be met by a fast machine cheating; a slow one only takes longer).
+    assert times[-1] - times[0] >= 40 * 0.05 * 0.95
+    # and never a burst: no 10 messages within 0.4 s
+    assert all(b - a >= 0.4 for a, b in zip(times, times[9:], strict=False))
+
+
+def test_recipient_rate_makes_mail_to_one_mailbox_wait(relay_factory, dns_server, mx_farm):
+    route(dns_server, "target.test", "127.0.0.26")
+    mx = mx_farm.server("127.0.0.26")
+    relay = relay_factory(defaults={"recipient_rate": "2/s"})
+    submit_many(relay, lambda i: ["same@target.test"], 6, threads=1)
+    messages = mx.wait_messages(6, timeout=30)
+    times = sorted(m.time for m in messages)
+    assert times[-1] - times[0] >= 5 * 0.5 * 0.95   # none dropped, all paced
+    assert "status=bounced" not in relay.log()
+
+
+def test_transactional_goes_before_a_bulk_backlog(relay_factory, dns_server, mx_farm):
+    route(dns_server, "lists.test", "127.0.0.27")
+    mx = mx_farm.server("127.0.0.27")
+    relay = relay_factory(providers={"lists": {
+        "domains": ["lists.test"], "max_connections": 2, "rate": "150/s"}})
+    submit_many(relay, lambda i: [f"member{i}@lists.test"], 2000,
+                headers="List-Id: <news.example.org>\r\n")
+    submit_many(relay, lambda i: [f"urgent{i}@lists.test"], 50, threads=2,
+                headers="X-Kind: password reset\r\n")
+    messages = mx.wait_messages(2050, timeout=120)
+    order = [m.rcpt_tos[0] for m in sorted(messages, key=lambda m: m.time)]
+    last_urgent = max(i for i, a in enumerate(order) if a.startswith("urgent"))
+    last_bulk = max(i for i, a in enumerate(order) if a.startswith("member"))
+    assert last_urgent < last_bulk
+    bulk_after = sum(1 for a in order[last_urgent:] if a.startswith("member"))
+    assert bulk_after > 100, f"only {bulk_after} bulk messages were left behind transactional"
+    log = relay.log()
+    assert "class=bulk" in log and "class=transactional" in log
+
+
+def test_a_dead_destination_does_not_slow_a_healthy_one(relay_factory, dns_server, mx_farm):
+    route(dns_server, "blackhole.test", "127.0.0.30")
+    hole = Blackhole(mx_farm, "127.0.0.30")
+    route(dns_server, "refused.test", "127.0.0.31")          # nothing listens there
+    route(dns_server, "healthy.test", "127.0.0.32")
+    healthy = mx_farm.server("127.0.0.32")
+    relay = relay_factory(retry={"initial": "20s", "max": "1m"})
+    with relay.client() as smtp:
+        for i in range(50):
+            smtp.sendmail("app@example.org", [f"u{i}-{j}@blackhole.test" for j in range(10)],
+                          make_message(f"hole {i}"))
+            smtp.sendmail("app@example.org", [f"u{i}-{j}@refused.test" for j in range(10)],
+                          make_message(f"refused {i}"))
+    started = time.monotonic()
+    with relay.client() as smtp:
+        for i in range(50):
+            smtp.sendmail("app@example.org", [f"ok{i}@healthy.test"], make_message(f"ok {i}"))
+    healthy.wait_messages(50, timeout=30)
+    elapsed = time.monotonic() - started
+    # The dead destinations each cost at most their connection limit, then a backoff:
+    assert hole.connections <= 10
+    log = relay.log()
+    assert "destination=default:refused.test unreachable" in log
+    assert "destination=default:blackhole.test unreachable" in relay.wait_log(
+        "destination=default:blackhole.test unreachable")
+    print(f"\nhealthy destination: 50 messages in {elapsed:.2f}s beside 1,000 stuck recipients")
+
+
