@@ -90,7 +90,7 @@ def test_rule_needs_duration_for_suspend():
 def test_shipped_config_is_valid():
     config = load_config(str(ROOT / "config" / "relay.yaml"))
     names = {p.name for p in config.providers}
-    assert {"laposte", "orange", "free", "facebook", "gmail"} <= names
+    assert {"laposte", "orange", "free", "facebook", "gmail", "outlook", "yahoo"} <= names
     assert config.tls.self_signed
     assert [str(n) for n in config.listeners[0].trusted_networks] == ["127.0.0.1/32", "::1/128"]
 

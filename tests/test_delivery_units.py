@@ -91,3 +91,32 @@ def test_resolver_over_the_wire(dns_server):
             await resolver.mx_hosts("broken.test")
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(("reply", "action"), [
+    ("550 5.2.0 Mail rejete. Mail rejected. ofr_506", "suspend"),
+    ("550 5.5.0 Service refuse. Veuillez essayer plus tard. service refused, please try "
+     "later. LPN007_510", "retry"),
+    ("421 4.3.2 All server ports are busy", "suspend"),
+    ("451 too many errors from your ip", "suspend"),
+    ("554 5.7.1 POL-P4 Connection refused", "suspend"),
+    ("421 4.7.28 Our system has detected an unusual rate of unsolicited mail", "suspend"),
+    ("421 4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP "
+     "reputation (S775)", "suspend"),
+    ("421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected "
+     "volume or user complaints", "suspend"),
+    ("421 4.7.0 [TSS09] All messages from 192.0.2.1 will be permanently deferred; "
+     "Retrying will NOT succeed", "bounce"),
+])
+def test_shipped_presets_match_the_real_replies(reply, action):
+    from pathlib import Path
+
+    from relay.config import load_config
+
+    config = load_config(str(Path(__file__).resolve().parent.parent / "config" / "relay.yaml"))
+    code, _, text = reply.partition(" ")
+    parsed = Reply.parse(int(code), text)
+    matches = [rule.action for provider in config.providers
+               for rule in provider.shaping.rules + config.rules
+               if rule.pattern.search(str(parsed))]
+    assert matches and matches[0] == action

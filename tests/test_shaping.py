@@ -249,3 +249,18 @@ def test_a_dead_destination_does_not_slow_a_healthy_one(relay_factory, dns_serve
     print(f"\nhealthy destination: 50 messages in {elapsed:.2f}s beside 1,000 stuck recipients")
 
 
+
+
+def test_connection_rate_is_not_bypassed_by_parallel_workers(relay_factory, dns_server,
+                                                             mx_farm):
+    route(dns_server, "conn.test", "127.0.0.28")
+    mx = mx_farm.server("127.0.0.28")
+    relay = relay_factory(providers={"conn": {
+        "domains": ["conn.test"], "connection_rate": "10/s", "max_connections": 5,
+        "max_messages_per_connection": 1}})
+    submit_many(relay, lambda i: [f"u{i}@conn.test"], 21)
+    mx.wait_messages(21, timeout=30)
+    times = sorted(mx.connect_times)
+    assert len(times) >= 21
+    # 5 workers waiting for the same slot must not all take it: ≥ 100 ms between opens.
+    assert times[20] - times[0] >= 20 * 0.1 * 0.95

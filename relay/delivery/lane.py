@@ -222,9 +222,10 @@ class Lane:
 
     async def _open(self, batch: Batch) -> Connection | None:
         """A new connection for `batch`, or None when the batch was settled or put back."""
-        wait = self.shaper.connection_delay()
-        if wait > 0:
-            await asyncio.sleep(wait)
+        # Sleep until the computed slot, then re-check: another worker may have taken it,
+        # and check-then-take with no await in between is atomic on the event loop.
+        while (wait := self.shaper.connection_delay()) > 0 and not self.paused:  # noqa: ASYNC110
+            await asyncio.sleep(wait)   # a known time, not a condition to wait on
         if self.paused:
             self._unshift(batch)
             return None
