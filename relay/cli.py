@@ -38,11 +38,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.setup(args.log_format, args.log_level)
 
     async def main() -> None:
-        stop = asyncio.Event()
+        relay = Relay(config)
+        stop, urgent = asyncio.Event(), asyncio.Event()
+        reloads: set[asyncio.Task[list[str]]] = set()
+
+        def on_stop() -> None:
+            (urgent if stop.is_set() else stop).set()   # a second signal: stop now
+
+        def on_hup() -> None:
+            task = asyncio.get_running_loop().create_task(relay.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await Relay(config).run(stop)
+            loop.add_signal_handler(signum, on_stop)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        await relay.run(stop, urgent, grace=args.grace)
 
     try:
         asyncio.run(main())
@@ -108,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=("text", "json"), default="text")
     serve.add_argument("--log-level", default="INFO",
                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM, time for sessions and deliveries in flight to finish "
+                       "(default 30; a second signal stops at once)")
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check-config", help="validate a config and show what it resolves to")
     check.add_argument("file")

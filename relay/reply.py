@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
@@ -24,6 +24,7 @@ class Reply:
     code: int
     enhanced: str
     text: str
+    remote: bool = field(default=True, compare=False)   # False: made up here, not by a server
 
     @classmethod
     def parse(cls, code: int, message: str) -> Reply:
@@ -37,7 +38,7 @@ class Reply:
     @classmethod
     def local(cls, code: int, enhanced: str, text: str) -> Reply:
         """A reply relay makes up itself (DNS failure, timeout, expiry)."""
-        return cls(code, enhanced, text)
+        return cls(code, enhanced, text, remote=False)
 
     @property
     def status(self) -> str:

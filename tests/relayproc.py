@@ -42,6 +42,7 @@ class RelayProcess:
         self.workdir = workdir
         self.config = config
         self.port = config["listeners"][0]["port"]
+        self.admin_port = config.get("admin", {}).get("port", 9025)
         self.config_path = workdir / "relay.yaml"
         self.log_path = workdir / "relay.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -143,6 +144,7 @@ def base_config(workdir: Path, dns_port: int, delivery_port: int, password_hash:
         "tls": {"self_signed": True, "cert": str(workdir / "none.pem"),
                 "key": str(workdir / "none.key")},
         "spool": {"path": str(workdir / "spool")},
+        "admin": {"address": "127.0.0.1", "port": free_port()},
         "dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "2s"},
         "accounts": [{"name": "app", "password": password_hash,
                       "senders": ["*@example.org"], "class": "transactional"}],

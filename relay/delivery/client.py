@@ -144,6 +144,10 @@ class Connector:
         self._config = config
         self._resolver = resolver
 
+    def reconfigure(self, config: Config, resolver: Resolver) -> None:
+        self._config = config
+        self._resolver = resolver
+
     async def open(self, domain: str, shaping: Shaping,
                    rules: tuple[Rule, ...] = ()) -> Connection:
         """Connect to the first host that greets well.

@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-from relay.config.model import Config
-from relay.delivery.client import Connector
-from relay.delivery.lane import Lane, Requeue
-from relay.delivery.outcomes import Outcomes
+from relay.delivery.context import LaneContext
+from relay.delivery.lane import Lane
 from relay.routing.models import Batch, QueuedMessage, Recipient
 from relay.routing.router import Destination
-from relay.shaping.suspensions import Suspensions
-from relay.spool.store import Spool
 
 
 class Dispatcher:
-    def __init__(self, config: Config, connector: Connector, outcomes: Outcomes,
-                 spool: Spool, suspensions: Suspensions, requeue: Requeue) -> None:
-        self._config = config
-        self._connector = connector
-        self._outcomes = outcomes
-        self._spool = spool
-        self._suspensions = suspensions
-        self._requeue = requeue
+    def __init__(self, context: LaneContext) -> None:
+        self.context = context
         self.lanes: dict[str, Lane] = {}
 
     def enqueue(self, destination: Destination, message: QueuedMessage,
@@ -37,8 +27,7 @@ class Dispatcher:
     def lane(self, destination: Destination) -> Lane:
         lane = self.lanes.get(destination.lane_key)
         if lane is None:
-            lane = Lane(destination, self._config, self._connector, self._outcomes,
-                        self._spool, self._suspensions, self._requeue, self._forget)
+            lane = Lane(destination, self.context, self._forget)
             self.lanes[destination.lane_key] = lane
         return lane
 
@@ -46,6 +35,19 @@ class Dispatcher:
         if self.lanes.get(lane.key) is lane and not lane.busy:
             del self.lanes[lane.key]
 
+    def drain(self) -> None:
+        self.context.stopping = True
+        for lane in self.lanes.values():
+            lane.wake()
+
+    async def wait_idle(self) -> None:
+        """Until every worker has finished its transaction in hand."""
+        while True:
+            workers = [w for lane in self.lanes.values() for w in lane.workers]
+            if not workers:
+                return
+            await asyncio.wait(workers)
+
     async def stop(self) -> None:
         await asyncio.gather(*(lane.stop() for lane in list(self.lanes.values())))
-        await self._suspensions.flush()
+        await self.context.suspensions.flush()

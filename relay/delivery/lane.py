@@ -23,8 +23,9 @@ from collections.abc import Callable
 
 from relay.config.model import Config, Rule
 from relay.delivery.classify import classify
-from relay.delivery.client import Connection, Connector
-from relay.delivery.outcomes import Attempt, Outcomes
+from relay.delivery.client import Connection
+from relay.delivery.context import LaneContext
+from relay.delivery.outcomes import Attempt
 from relay.errors import (
     DestinationUnreachable,
     DnsPermanentError,
@@ -34,33 +35,21 @@ from relay.errors import (
     TransientDeliveryError,
 )
 from relay.reply import Reply, Verdict
-from relay.routing.models import Batch, QueuedMessage, Recipient
+from relay.routing.models import Batch, Where
 from relay.routing.retry import backoff, expired
 from relay.routing.router import Destination
 from relay.shaping.shaper import Shaper
-from relay.shaping.suspensions import Suspensions
-from relay.spool.store import Spool
 
 log = logging.getLogger("relay.delivery")
 
-Requeue = Callable[[QueuedMessage, list[Recipient]], None]
-
 
 class Lane:
-    def __init__(self, destination: Destination, config: Config, connector: Connector,
-                 outcomes: Outcomes, spool: Spool, suspensions: Suspensions,
-                 requeue: Requeue, on_idle: Callable[[Lane], None]) -> None:
-        self.destination = destination
-        self.shaping = destination.shaping
-        self.shaper = Shaper(self.shaping, config.classes)
-        self._config = config
-        self._connector = connector
-        self._outcomes = outcomes
-        self._spool = spool
-        self._suspensions = suspensions
-        self._requeue = requeue
+    def __init__(self, destination: Destination, context: LaneContext,
+                 on_idle: Callable[[Lane], None]) -> None:
+        self._ctx = context
         self._on_idle = on_idle
-        self._rules = self.shaping.rules + config.rules
+        self.reconfigure(destination)
+        self._connections: set[int] = set()
         self._ready: dict[str, deque[Batch]] = {}
         self._order: list[str] = []
         self.pending = 0
@@ -72,9 +61,20 @@ class Lane:
         self._failures = 0
         self._resume: asyncio.TimerHandle | None = None
         self._sweeps: set[asyncio.Task[None]] = set()
-        restored = suspensions.get(self.key)
+        restored = context.suspensions.get(self.key)
         if restored is not None:
             self.suspend(restored.until - time.time(), restored.reason, persist=False)
+
+    @property
+    def _config(self) -> Config:
+        return self._ctx.config
+
+    def reconfigure(self, destination: Destination) -> None:
+        """Take new shaping and rules (config reload); rates and throttles start afresh."""
+        self.destination = destination
+        self.shaping = destination.shaping
+        self.shaper = Shaper(self.shaping, self._ctx.config.classes)
+        self._rules = self.shaping.rules + self._ctx.config.rules
 
     @property
     def key(self) -> str:
@@ -100,6 +100,7 @@ class Lane:
                 classes[name].priority if name in classes else 0))
         queue.append(batch)
         self.pending += 1
+        self._ctx.stats.move(batch.message, batch.recipients, Where.LANE)
         self._kick()
 
     def _unshift(self, batch: Batch) -> None:
@@ -107,6 +108,7 @@ class Lane:
         self._ready[batch.class_name].appendleft(batch)
         self.pending += 1
         self.shaper.refund_message(batch.class_name)
+        self._ctx.stats.move(batch.message, batch.recipients, Where.LANE)
 
     def _take(self) -> tuple[Batch | None, float | None]:
         """The next batch its rates allow, or how long until one is allowed."""
@@ -124,9 +126,15 @@ class Lane:
             if class_wait > 0:
                 soonest = class_wait if soonest is None else min(soonest, class_wait)
                 continue
-            self.pending -= 1
-            self.shaper.take_message(name)
-            return queue.popleft(), None
+            while queue:
+                batch = queue.popleft()
+                self.pending -= 1
+                # an admin may have held, deleted or flushed some recipients meanwhile
+                batch.recipients = [r for r in batch.recipients if r.where is Where.LANE]
+                if batch.recipients:
+                    self.shaper.take_message(name)
+                    self._ctx.stats.move(batch.message, batch.recipients, Where.FLIGHT)
+                    return batch, None
         return None, soonest
 
     def _admit_recipients(self, batch: Batch) -> Batch | None:
@@ -143,7 +151,7 @@ class Lane:
                 self.shaper.take_mailbox(recipient.address)
                 allowed.append(recipient)
         if held:
-            self._requeue(batch.message, held)
+            self._ctx.requeue(batch.message, held)
         if not allowed:
             self.shaper.refund_message(batch.class_name)
             return None
@@ -152,8 +160,16 @@ class Lane:
 
     # workers
 
+    @property
+    def workers(self) -> list[asyncio.Task[None]]:
+        return list(self._workers)
+
+    def wake(self) -> None:
+        """Idle workers re-check their conditions (shutdown, pause)."""
+        self._wakeup.set()
+
     def _kick(self) -> None:
-        if self.paused or not self.pending:
+        if self.paused or not self.pending or self._ctx.stopping:
             return
         if self._idle:
             self._wakeup.set()
@@ -174,7 +190,7 @@ class Lane:
     async def _worker(self) -> None:
         connection: Connection | None = None
         try:
-            while not self.paused:
+            while not self.paused and not self._ctx.stopping:
                 if len(self._workers) > self.shaper.max_connections():
                     # throttled or ramping: this worker is surplus; leave the set now so
                     # that only as many workers leave as there are too many
@@ -195,7 +211,13 @@ class Lane:
                     connection = await self._deliver(admitted, connection)
         finally:
             if connection is not None:
-                await asyncio.shield(connection.close())
+                await asyncio.shield(self._close(connection))
+
+    async def _close(self, connection: Connection) -> None:
+        if id(connection) in self._connections:
+            self._connections.discard(id(connection))
+            self._ctx.metrics.connections.labels(self.destination.provider).dec()
+        await connection.close()
 
     async def _wait_for_work(self) -> bool:
         deadline = time.monotonic() + self._config.delivery.idle_connection_timeout
@@ -203,14 +225,14 @@ class Lane:
         try:
             while not self.pending:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.paused:
+                if remaining <= 0 or self.paused or self._ctx.stopping:
                     return False
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     return False
-            return not self.paused
+            return not self.paused and not self._ctx.stopping
         finally:
             self._idle -= 1
 
@@ -231,7 +253,7 @@ class Lane:
             return None
         self.shaper.take_connection()
         try:
-            connection = await self._connector.open(batch.domain, self.shaping, self._rules)
+            connection = await self._ctx.connector.open(batch.domain, self.shaping, self._rules)
         except DnsPermanentError as exc:
             await self._settle(batch, exc.reply, Verdict.BOUNCED, None)
             return None
@@ -242,25 +264,36 @@ class Lane:
         except (TransientDeliveryError, PermanentDeliveryError) as exc:
             # The greeting or EHLO reply matched a rule: the provider spoke for itself.
             verdict = classify(exc.reply, self._rules)
+            self._count_replies([exc.reply])
             await self._settle(batch, exc.reply, verdict.verdict, None)
             self._apply(verdict.rule, exc.reply)
             return None
         self._failures = 0
+        self._connections.add(id(connection))
+        self._ctx.metrics.connections.labels(self.destination.provider).inc()
         return connection
+
+    def _count_replies(self, replies: list[Reply]) -> None:
+        counter = self._ctx.metrics.replies
+        seen: set[int] = set()
+        for reply in replies:
+            if reply.remote and id(reply) not in seen:
+                seen.add(id(reply))
+                counter.labels(self.destination.provider, str(reply.code)).inc()
 
     async def _deliver(self, batch: Batch, connection: Connection | None) -> Connection | None:
         if connection is not None and (
                 not connection.usable or connection.destination != self._destination_key(batch)
                 or connection.transactions >= self.shaping.max_messages_per_connection):
-            await connection.close()
+            await self._close(connection)
             connection = None
         if connection is None:
             connection = await self._open(batch)
             if connection is None:
                 return None
         try:
-            message = await self._spool.load_message(batch.message.id,
-                                                     batch.message.body_offset)
+            message = await self._ctx.spool.load_message(batch.message.id,
+                                                         batch.message.body_offset)
         except SpoolError as exc:
             log.error("id=%s cannot be read from the spool: %s", batch.message.id, exc)
             await self._settle(batch, Reply.local(451, "4.3.0", "spool read error"),
@@ -281,21 +314,22 @@ class Lane:
             attempts.append(Attempt(recipient, reply, verdict.verdict))
             if verdict.rule is not None:
                 fired.setdefault(id(verdict.rule), (verdict.rule, reply))
-        await self._outcomes.settle(batch, attempts, connection.description,
-                                    self.destination.provider)
+        self._count_replies(list(replies.values()))
+        await self._ctx.outcomes.settle(batch, attempts, connection.description,
+                                        self.destination.provider)
         for rule, reply in fired.values():
             self._apply(rule, reply)
         if any(a.verdict is Verdict.DELIVERED for a in attempts) and self.shaper.succeeded():
             self._kick()
         if not connection.usable or self.paused:
-            await connection.close()
+            await self._close(connection)
             return None
         return connection
 
     async def _settle(self, batch: Batch, reply: Reply, verdict: Verdict,
                       relay: str | None) -> None:
         attempts = [Attempt(r, reply, verdict) for r in batch.recipients]
-        await self._outcomes.settle(batch, attempts, relay, self.destination.provider)
+        await self._ctx.outcomes.settle(batch, attempts, relay, self.destination.provider)
 
     # pauses: suspensions, throttles, unreachable destinations
 
@@ -315,7 +349,7 @@ class Lane:
         if duration <= 0:
             return
         if persist:
-            self._suspensions.set(self.key, time.time() + duration, reason)
+            self._ctx.suspensions.set(self.key, time.time() + duration, reason)
         self.suspended = reason
         log.warning("provider=%s lane=%s suspended for %.0fs%s: %s", self.destination.provider,
                     self.key, duration, "" if persist else " (restored)", reason)
@@ -329,7 +363,7 @@ class Lane:
         self._paused_until = 0.0
         if self.suspended is not None:
             self.suspended = None
-            self._suspensions.clear(self.key)
+            self._ctx.suspensions.clear(self.key)
             log.info("provider=%s lane=%s resumed", self.destination.provider, self.key)
         self.shaper.restart_slowly()
         self._sweep_expired(Reply.local(451, "4.4.1", "destination was unavailable"))
@@ -373,6 +407,8 @@ class Lane:
             keep: deque[Batch] = deque()
             for batch in queue:
                 if expired(self._config.retry, batch.message.envelope.received_at, now):
+                    batch.recipients = [r for r in batch.recipients if r.where is Where.LANE]
+                    self._ctx.stats.move(batch.message, batch.recipients, Where.FLIGHT)
                     stale.append(batch)
                 else:
                     keep.append(batch)
@@ -391,7 +427,8 @@ class Lane:
 
     async def _expire(self, batches: list[Batch], reply: Reply) -> None:
         for batch in batches:
-            await self._settle(batch, reply, Verdict.DEFERRED, None)
+            if batch.recipients:
+                await self._settle(batch, reply, Verdict.DEFERRED, None)
 
     async def stop(self) -> None:
         """Cancel workers; outcome writes are shielded and finish."""

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 
 from relay.bounces.dsn import Failure, build_dsn
 from relay.config.model import Config
+from relay.metrics import Metrics
 from relay.reply import Reply, Verdict
-from relay.routing.models import Batch, QueuedMessage, Recipient
+from relay.routing.models import Batch, QueuedMessage, Recipient, Where
+from relay.routing.registry import Registry
 from relay.routing.retry import backoff, expired
+from relay.routing.stats import QueueStats
 from relay.spool.records import Envelope, EnvelopeRecipient, RecipientStatus, StateRecord
 from relay.spool.store import Spool
 
@@ -42,11 +45,15 @@ def _notify(spec: EnvelopeRecipient, event: str) -> bool:
 
 
 class Outcomes:
-    def __init__(self, config: Config, spool: Spool, requeue: Requeue, inject: Inject) -> None:
-        self._config = config
+    def __init__(self, config: Config, spool: Spool, requeue: Requeue, inject: Inject,
+                 registry: Registry, stats: QueueStats, metrics: Metrics) -> None:
+        self.config = config
         self._spool = spool
         self._requeue = requeue
         self._inject = inject
+        self._registry = registry
+        self._stats = stats
+        self._metrics = metrics
 
     async def settle(self, batch: Batch, attempts: list[Attempt], relay: str | None,
                      provider: str) -> None:
@@ -57,8 +64,12 @@ class Outcomes:
                       provider: str) -> None:
         message = batch.message
         envelope = message.envelope
+        if message.deleted:   # an admin deleted it while this attempt was in flight
+            self._stats.move(message, [a.recipient for a in attempts], Where.NOWHERE)
+            return
         now = time.time()
-        retry = self._config.retry
+        retry = self.config.retry
+        class_name = envelope.class_name
         failures: list[Failure] = []
         delays: list[Failure] = []
         deferred: list[Recipient] = []
@@ -91,16 +102,22 @@ class Outcomes:
             elif status in (RecipientStatus.BOUNCED, RecipientStatus.EXPIRED):
                 if envelope.sender and _notify(recipient.spec, "FAILURE"):
                     failures.append(Failure(recipient.spec, reply, remote))
+            outcome = {RecipientStatus.EXPIRED: "expired"}.get(status, verdict.value)
+            self._metrics.deliveries.labels(provider, class_name, outcome).inc()
+            if status.is_final:
+                self._metrics.delay.labels(provider, class_name).observe(
+                    now - envelope.received_at)
+                self._stats.move(message, [recipient], Where.NOWHERE)
             log.info(
                 "id=%s to=<%s> provider=%s relay=%s delay=%.1f attempt=%d dsn=%s status=%s (%s)",
                 envelope.id, recipient.address, provider, relay or "none",
-                now - envelope.received_at, recipient.attempts, reply.status,
-                {RecipientStatus.EXPIRED: "expired"}.get(status, verdict.value), reply)
+                now - envelope.received_at, recipient.attempts, reply.status, outcome, reply)
 
         for notices in (failures, delays):
             if notices:
                 await self._bounce(message, notices, now)
         if message.done:
+            self._registry.remove(envelope.id)
             await self._spool.remove(envelope.id)
         else:
             await self._spool.record(envelope.id, _records(attempts))
@@ -110,7 +127,7 @@ class Outcomes:
     async def _bounce(self, message: QueuedMessage, failures: list[Failure], now: float) -> None:
         envelope = message.envelope
         original = await self._spool.load_message(envelope.id, message.body_offset)
-        dsn = build_dsn(self._config.hostname, envelope, failures, original, now)
+        dsn = build_dsn(self.config.hostname, envelope, failures, original, now)
         dsn_envelope = Envelope(
             id=self._spool.new_id(), sender="",
             recipients=(EnvelopeRecipient(envelope.sender),), received_at=now, size=len(dsn),

@@ -31,6 +31,7 @@ class MxHost:
 
 class Resolver:
     def __init__(self, config: Dns) -> None:
+        self.config = config
         self._resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
         if config.nameservers:
             self._resolver.nameservers = [

@@ -14,6 +14,7 @@ from relay.config.model import Account, Config, Listener
 from relay.errors import SpoolError
 from relay.listener.headers import detect, field_names, header_block, trace_headers
 from relay.listener.policy import ConnectionGate, Policy
+from relay.metrics import Metrics
 from relay.routing.models import QueuedMessage
 from relay.spool.records import Envelope
 from relay.spool.store import Spool
@@ -27,13 +28,15 @@ log = logging.getLogger("relay.listener")
 class SubmissionHandler:
     def __init__(self, config: Config, listener: Listener, policy: Policy,
                  gate: ConnectionGate, spool: Spool,
-                 on_accepted: Callable[[QueuedMessage], None]) -> None:
-        self.config = config
+                 on_accepted: Callable[[QueuedMessage], None], metrics: Metrics) -> None:
+        self.config = config          # both replaced on reload
         self.listener = listener
         self.policy = policy
         self.gate = gate
         self.spool = spool
         self.on_accepted = on_accepted
+        self.metrics = metrics
+        self.sessions: set[Submission] = set()
 
     async def handle_EHLO(self, server: Submission, session: Any, envelope: Any,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -76,7 +79,7 @@ class SubmissionHandler:
         return None
 
     def note_rejected(self, reason: str) -> None:
-        """Hook for the rejection counter (relay_messages_rejected_total)."""
+        self.metrics.rejected.labels(reason).inc()
 
     def _class_for(self, account: Account | None, headers: bytes, names: set[str]) -> str:
         name = (account.class_name if account and account.class_name
@@ -116,6 +119,7 @@ class SubmissionHandler:
             self.note_rejected("storage")
             log.error("id=%s not accepted: %s", message_id, exc)
             return "452 4.3.1 Insufficient system storage"
+        self.metrics.received.labels(envelope.account, envelope.class_name).inc()
         log.info("id=%s from=<%s> account=%s class=%s size=%d nrcpt=%d client=[%s]",
                  message_id, envelope.sender, envelope.account, envelope.class_name,
                  envelope.size, len(envelope.recipients), server.peer_ip)

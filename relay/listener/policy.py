@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 from collections import Counter
 
 from relay.config.model import Account, Config, Listener
@@ -27,12 +27,20 @@ class ConnectionGate:
         self.per_ip = per_ip
         self._open = 0
         self._by_ip: Counter[str] = Counter()
+        self.draining = False    # shutting down: new sessions get 421 4.3.2
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def open(self) -> int:
+        return self._open
 
     def admit(self, ip: str) -> bool:
         if self._open >= self.total or self._by_ip[ip] >= self.per_ip:
             return False
         self._open += 1
         self._by_ip[ip] += 1
+        self.idle.clear()
         return True
 
     def release(self, ip: str) -> None:
@@ -40,6 +48,8 @@ class ConnectionGate:
         self._by_ip[ip] -= 1
         if self._by_ip[ip] <= 0:
             del self._by_ip[ip]
+        if self._open == 0:
+            self.idle.set()
 
 
 class Policy:
@@ -48,7 +58,12 @@ class Policy:
         # A successful login is remembered as an HMAC of the password, so a client that
         # logs in for every message does not pay a fresh scrypt (~50 ms of CPU) each time.
         self._verified: dict[str, bytes] = {}
-        self._key = hashlib.sha256(repr(id(self)).encode()).digest()
+        self._key = os.urandom(32)
+
+    def reconfigure(self, config: Config) -> None:
+        """New accounts take effect at once; remembered logins are forgotten."""
+        self.config = config
+        self._verified.clear()
 
     def trusted(self, listener: Listener, ip: str) -> bool:
         try:

@@ -1,46 +1,108 @@
-"""Start the configured listeners in our own event loop (not aiosmtpd's threaded Controller)."""
+"""The configured listeners, in our own event loop (not aiosmtpd's threaded Controller).
+
+Owns the listening sockets and the sessions' shared state: reload hands every handler
+the new config; drain turns new sessions away with 421 and closes the idle ones.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Callable
 
-from relay.config.model import Config
+from relay.config.model import Config, Listener
 from relay.listener.handler import SubmissionHandler
 from relay.listener.policy import ConnectionGate, Policy
 from relay.listener.session import Submission
+from relay.metrics import Metrics
 from relay.routing.models import QueuedMessage
 from relay.spool.store import Spool
 
+log = logging.getLogger("relay.listener")
 
-async def start_listeners(config: Config, spool: Spool, tls_context: ssl.SSLContext | None,
-                          on_accepted: Callable[[QueuedMessage], None]) -> list[asyncio.Server]:
-    loop = asyncio.get_running_loop()
-    policy = Policy(config)
-    gate = ConnectionGate(config.limits.max_connections, config.limits.max_connections_per_ip)
-    servers = []
-    for listener in config.listeners:
-        handler = SubmissionHandler(config, listener, policy, gate, spool, on_accepted)
-        starttls = listener.tls == "starttls"
-        implicit = listener.tls == "implicit"
 
-        def factory(handler: SubmissionHandler = handler, starttls: bool = starttls,
-                    implicit: bool = implicit) -> Submission:
-            return Submission(
-                handler,
-                hostname=config.hostname,
-                ident="relay",
-                data_size_limit=config.limits.max_message_size,
-                enable_SMTPUTF8=True,
-                tls_context=tls_context if starttls else None,
-                # On an implicit-TLS listener the whole session is encrypted already.
-                auth_require_tls=not (implicit or config.tls.allow_plain_auth),
-                timeout=config.limits.idle_timeout,
-                loop=loop,
-            )
+def _socket_key(listener: Listener) -> tuple[str, int, str]:
+    return (listener.address, listener.port, listener.tls)
 
-        servers.append(await loop.create_server(
-            factory, host=listener.address, port=listener.port,
-            ssl=tls_context if implicit else None, reuse_address=True))
-    return servers
+
+class Listeners:
+    def __init__(self, config: Config, spool: Spool, tls_context: ssl.SSLContext | None,
+                 on_accepted: Callable[[QueuedMessage], None], metrics: Metrics) -> None:
+        self.config = config
+        self.tls_context = tls_context       # read at each new connection: reload swaps it
+        self.policy = Policy(config)
+        self.gate = ConnectionGate(config.limits.max_connections,
+                                   config.limits.max_connections_per_ip)
+        self._spool = spool
+        self._on_accepted = on_accepted
+        self._metrics = metrics
+        self.handlers: list[SubmissionHandler] = []
+        self.servers: list[asyncio.Server] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self.config.listeners:
+            handler = SubmissionHandler(self.config, listener, self.policy, self.gate,
+                                        self._spool, self._on_accepted, self._metrics)
+            self.handlers.append(handler)
+            implicit = listener.tls == "implicit"
+            self.servers.append(await loop.create_server(
+                lambda handler=handler: self._session(handler), host=listener.address,
+                port=listener.port, ssl=self.tls_context if implicit else None,
+                reuse_address=True))
+            log.info("listening on %s:%d (%s, tls=%s, auth=%s)", listener.address,
+                     listener.port, listener.name, listener.tls, listener.auth)
+
+    def _session(self, handler: SubmissionHandler) -> Submission:
+        config, listener = handler.config, handler.listener
+        return Submission(
+            handler,
+            hostname=config.hostname,
+            ident="relay",
+            data_size_limit=config.limits.max_message_size,
+            enable_SMTPUTF8=True,
+            tls_context=self.tls_context if listener.tls == "starttls" else None,
+            # On an implicit-TLS listener the whole session is encrypted already.
+            auth_require_tls=not (listener.tls == "implicit" or config.tls.allow_plain_auth),
+            timeout=config.limits.idle_timeout,
+        )
+
+    def reconfigure(self, config: Config, tls_context: ssl.SSLContext | None) -> None:
+        """New limits, accounts, classes and certificate for new sessions. Sockets stay:
+        a changed address, port or TLS mode takes effect at the next restart."""
+        if [_socket_key(x) for x in config.listeners] != \
+                [_socket_key(x) for x in self.config.listeners]:
+            log.warning("listener addresses, ports or TLS modes changed: "
+                        "they take effect at the next restart")
+        by_name = {listener.name: listener for listener in config.listeners}
+        for handler in self.handlers:
+            handler.config = config
+            new = by_name.get(handler.listener.name)
+            if new is not None and _socket_key(new) == _socket_key(handler.listener):
+                handler.listener = new
+        self.config = config
+        self.tls_context = tls_context
+        self.policy.reconfigure(config)
+        self.gate.total = config.limits.max_connections
+        self.gate.per_ip = config.limits.max_connections_per_ip
+
+    def drain(self) -> None:
+        self.gate.draining = True
+        for handler in self.handlers:
+            for session in list(handler.sessions):
+                session.close_for_shutdown()
+
+    async def wait_idle(self) -> None:
+        """Until every session has ended (each ends itself after its transaction)."""
+        await self.gate.idle.wait()
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for handler in self.handlers:
+            for session in list(handler.sessions):
+                if session.transport is not None:
+                    session.transport.close()
+        for server in self.servers:
+            await server.wait_closed()

@@ -44,6 +44,11 @@ class Submission(SMTP):
         if self.transport is None:  # the first call; STARTTLS calls again
             peer = transport.get_extra_info("peername") or ("", 0)
             self.peer_ip = str(peer[0])
+            if self.handler.gate.draining:
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+                transport.close()
+                return
             if not self.handler.gate.admit(self.peer_ip):
                 log.warning("refused connection from %s: too many connections", self.peer_ip)
                 assert isinstance(transport, asyncio.WriteTransport)
@@ -51,6 +56,7 @@ class Submission(SMTP):
                 transport.close()
                 return
             self._admitted = True
+            self.handler.sessions.add(self)
             self.trusted = self.handler.policy.trusted(self.handler.listener, self.peer_ip)
         super().connection_made(transport)
 
@@ -59,7 +65,19 @@ class Submission(SMTP):
             return
         self._admitted = False
         self.handler.gate.release(self.peer_ip)
+        self.handler.sessions.discard(self)
         super().connection_lost(error)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def close_for_shutdown(self) -> None:
+        """Between transactions: say goodbye now. In one: after its reply (see DATA)."""
+        if self.transport is not None and not self.in_transaction:
+            assert isinstance(self.transport, asyncio.WriteTransport)
+            self.transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+            self.transport.close()
 
     def _set_rset_state(self) -> None:
         super()._set_rset_state()  # type: ignore[no-untyped-call]
@@ -121,6 +139,10 @@ class Submission(SMTP):
         if await self.check_helo_needed():
             return
         assert self.session is not None and self.envelope is not None
+        if self.handler.gate.draining:
+            await self.push("421 4.3.2 Service shutting down, try again later")
+            self.close_for_shutdown()
+            return
         refusal = self.handler.may_submit(self)
         if refusal:
             await self.push(refusal)
@@ -166,6 +188,7 @@ class Submission(SMTP):
                 if not value.isdigit():
                     return "501 5.5.4 SIZE takes a number"
                 if int(value) > self.handler.config.limits.max_message_size:
+                    self.handler.note_rejected("size")
                     return "552 5.3.4 Message size exceeds fixed maximum message size"
             elif key == "BODY":
                 if value.upper() not in ("7BIT", "8BITMIME"):
@@ -214,6 +237,7 @@ class Submission(SMTP):
             await self.push("503 5.5.1 Error: need MAIL command")
             return
         if len(self.recipients) >= self.handler.config.limits.max_recipients:
+            self.handler.note_rejected("recipients")
             await self.push("452 4.5.3 Error: too many recipients")
             return
         parsed = await self._parse_path(arg, "TO:")
@@ -255,3 +279,5 @@ class Submission(SMTP):
             reply = await self.handler.accept(self, result.content)
         self._set_rset_state()
         await self.push(reply)
+        if self.handler.gate.draining:
+            self.close_for_shutdown()

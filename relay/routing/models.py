@@ -6,17 +6,35 @@ recipient.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from relay.spool.records import Envelope, EnvelopeRecipient, RecipientStatus
+
+if TYPE_CHECKING:
+    from relay.routing.router import Destination
+
+
+class Where(enum.IntEnum):
+    """Where a recipient waits; QueueStats counts by it."""
+
+    NOWHERE = 0     # not queued: final, deleted, or being routed
+    SCHEDULED = 1   # in the scheduler, due later (deferred)
+    LANE = 2        # in its lane's queue (ready, or deferred while the lane is paused)
+    FLIGHT = 3      # taken by a worker: in a transaction
+    HELD = 4        # its message is on hold
 
 
 class Recipient:
     """Progress of one recipient of one message."""
 
-    __slots__ = ("attempts", "index", "last_reply", "next_attempt", "spec", "status", "warned")
+    __slots__ = ("attempts", "destination", "index", "last_reply", "next_attempt", "spec",
+                 "status", "warned", "where")
 
     def __init__(self, index: int, spec: EnvelopeRecipient) -> None:
+        self.where = Where.NOWHERE
+        self.destination: Destination | None = None
         self.index = index
         self.spec = spec
         self.status = RecipientStatus.PENDING
@@ -35,13 +53,14 @@ class Recipient:
 
 
 class QueuedMessage:
-    __slots__ = ("body_offset", "envelope", "in_flight", "recipients")
+    __slots__ = ("body_offset", "deleted", "envelope", "held", "recipients")
 
     def __init__(self, envelope: Envelope, body_offset: int) -> None:
         self.envelope = envelope
         self.body_offset = body_offset
         self.recipients = [Recipient(i, spec) for i, spec in enumerate(envelope.recipients)]
-        self.in_flight = 0  # recipients handed to a lane and not yet settled
+        self.held = False      # an admin put it on hold: nothing is attempted
+        self.deleted = False   # an admin deleted it: outcomes in flight are ignored
 
     @property
     def id(self) -> str:

@@ -28,6 +28,7 @@ log = logging.getLogger("relay.spool")
 _MESSAGES = "messages"
 _QUARANTINE = "quarantine"
 _STATE_SUFFIX = ".st"
+_HOLD_SUFFIX = ".hold"
 _TMP_PREFIX = ".tmp-"
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
 
@@ -37,6 +38,7 @@ class Recovered:
     envelope: Envelope
     body_offset: int
     records: list[StateRecord]
+    held: bool = False
 
 
 class _GroupSync:
@@ -121,6 +123,8 @@ class Spool:
         self._dirsync = _GroupSync()
         self._counter = 0
         self._buckets: set[str] = set()
+        self.messages = 0   # files in the spool, and their bytes: relay_spool_* gauges
+        self.bytes = 0
 
     def open(self) -> None:
         """Create the layout; fail with a clear SpoolError if the path is unusable."""
@@ -171,6 +175,8 @@ class Spool:
                 raise
             reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise SpoolError(exc.errno, f"cannot store {envelope.id}: {reason}") from exc
+        self.messages += 1
+        self.bytes += len(header) + len(message)
         return len(header)
 
     async def record(self, message_id: str, records: list[StateRecord]) -> None:
@@ -186,11 +192,33 @@ class Spool:
     async def remove(self, message_id: str) -> None:
         """Forget a message whose every recipient is final (message first, then its log)."""
         path = self.message_path(message_id)
-        for victim in (path, path + _STATE_SUFFIX):
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+            self.messages -= 1
+            self.bytes -= size
+        except FileNotFoundError:
+            pass
+        for victim in (path + _STATE_SUFFIX, path + _HOLD_SUFFIX):
             try:
                 os.unlink(victim)
             except FileNotFoundError:
                 pass
+        await self._dirsync.sync(self._dir(message_id))
+
+    async def set_held(self, message_id: str, held: bool) -> None:
+        """Hold survives a restart: a marker file beside the message."""
+        marker = self.message_path(message_id) + _HOLD_SUFFIX
+        try:
+            if held:
+                tmp = os.path.join(self._dir(message_id), _TMP_PREFIX + message_id + _HOLD_SUFFIX)
+                await asyncio.to_thread(_write_durably, tmp, marker, (b"held\n",))
+            else:
+                os.unlink(marker)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise SpoolError(exc.errno, f"cannot mark {message_id}: {exc.strerror}") from exc
         await self._dirsync.sync(self._dir(message_id))
 
     def read_message(self, message_id: str, body_offset: int) -> bytes:
@@ -218,8 +246,9 @@ class Spool:
                 if name.startswith(_TMP_PREFIX):
                     os.unlink(path)  # never acknowledged: the client got no 250
                     continue
-                if name.endswith(_STATE_SUFFIX):
-                    if name[: -len(_STATE_SUFFIX)] not in names:
+                suffix = next((s for s in (_STATE_SUFFIX, _HOLD_SUFFIX) if name.endswith(s)), "")
+                if suffix:
+                    if name[: -len(suffix)] not in names:
                         os.unlink(path)  # its message was removed; the log outlived it
                     continue
                 try:
@@ -243,12 +272,15 @@ class Spool:
             size = os.fstat(handle.fileno()).st_size
         if size != offset + envelope.size:
             raise SpoolCorrupt(f"body is {size - offset} bytes, envelope says {envelope.size}")
+        self.messages += 1
+        self.bytes += size
         records: list[StateRecord] = []
         state_name = os.path.basename(path) + _STATE_SUFFIX
         if state_name in names:
             with open(path + _STATE_SUFFIX, "rb") as handle:
                 records = StateRecord.decode_log(handle.read())
-        return Recovered(envelope, offset, records)
+        held = os.path.basename(path) + _HOLD_SUFFIX in names
+        return Recovered(envelope, offset, records, held)
 
     def quarantine(self, message_id: str, reason: str) -> None:
         """Move a damaged entry aside: never delivered, never blocking startup."""

@@ -1,0 +1,119 @@
+"""Every Prometheus metric relay exports (SPEC §8), defined in one place.
+
+Counters and the histogram are updated where things happen. The gauges that describe
+state (queue depth, oldest age, suspensions, spool) are computed at scrape time from
+the exact figures the queue keeps, so they cannot drift from the truth. Label values
+stay bounded by the configuration: `provider` is a configured name or `default`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from relay.routing.models import Where
+from relay.routing.stats import QueueStats
+
+STATES = ("ready", "deferred", "held")
+REJECT_REASONS = ("auth", "sender", "rate", "size", "recipients", "storage", "syntax")
+
+
+class LaneView(Protocol):
+    @property
+    def paused(self) -> bool: ...
+    @property
+    def suspended(self) -> str | None: ...
+    @property
+    def destination(self) -> object: ...
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.received = Counter("relay_messages_received", "Messages accepted (250) from clients",
+                                ["account", "class"], registry=r)
+        self.rejected = Counter("relay_messages_rejected", "Submissions refused, by reason",
+                                ["reason"], registry=r)
+        self.deliveries = Counter("relay_deliveries", "Recipient outcomes of delivery attempts",
+                                  ["provider", "class", "outcome"], registry=r)
+        self.replies = Counter("relay_smtp_replies", "Replies received from destinations",
+                               ["provider", "code"], registry=r)
+        self.delay = Histogram(
+            "relay_delivery_delay_seconds", "Receipt to final outcome, per recipient",
+            ["provider", "class"], registry=r,
+            buckets=(0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400))
+        self.connections = Gauge("relay_connections_open", "Open outbound connections",
+                                 ["provider"], registry=r)
+        self.reload_success = Gauge("relay_config_reload_success",
+                                    "1 if the last configuration (re)load succeeded", registry=r)
+        self.reload_success.set(1)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+
+    def watch(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+
+class StateCollector(Collector):
+    """Queue depth, oldest age, suspensions and spool size, read at scrape time."""
+
+    def __init__(self, stats: QueueStats, lanes: Callable[[], Iterable[LaneView]],
+                 providers: Callable[[], list[str]], classes: Callable[[], list[str]],
+                 spool: Callable[[], tuple[int, int]]) -> None:
+        self._stats = stats
+        self._lanes = lanes
+        self._providers = providers
+        self._classes = classes
+        self._spool = spool
+
+    def collect(self) -> Iterable[Metric]:
+        paused = set()
+        suspended: dict[str, int] = {name: 0 for name in self._providers()}
+        for lane in self._lanes():
+            key = lane.destination.lane_key  # type: ignore[attr-defined]
+            provider = lane.destination.provider  # type: ignore[attr-defined]
+            if lane.paused:
+                paused.add(key)
+            if lane.suspended is not None:
+                suspended[provider] = 1
+        depth: dict[tuple[str, str, str], int] = defaultdict(int)
+        for provider in [*self._providers(), "default"]:
+            for class_name in self._classes():
+                for state in STATES:
+                    depth[(provider, class_name, state)] = 0
+        for (lane_key, provider, class_name, where), count in list(self._stats.counts.items()):
+            if where is Where.HELD:
+                state = "held"
+            elif where is Where.SCHEDULED or lane_key in paused:
+                state = "deferred"
+            elif where is Where.LANE:
+                state = "ready"
+            else:
+                continue
+            depth[(provider, class_name, state)] += count
+        family = GaugeMetricFamily("relay_queue_depth", "Recipients waiting",
+                                   labels=["provider", "class", "state"])
+        for labels, value in sorted(depth.items()):
+            family.add_metric(list(labels), value)
+        yield family
+        oldest = GaugeMetricFamily("relay_queue_oldest_age_seconds",
+                                   "Age of the oldest message waiting in the queue",
+                                   labels=["provider", "class"])
+        for (provider, class_name), age in sorted(self._stats.oldest_ages(time.time()).items()):
+            oldest.add_metric([provider, class_name], age)
+        yield oldest
+        family = GaugeMetricFamily("relay_provider_suspended", "1 while a provider is suspended",
+                                   labels=["provider"])
+        for provider, value in sorted(suspended.items()):
+            family.add_metric([provider], value)
+        yield family
+        messages, size = self._spool()
+        yield GaugeMetricFamily("relay_spool_messages", "Messages in the spool", value=messages)
+        yield GaugeMetricFamily("relay_spool_bytes", "Bytes of messages in the spool", value=size)
