@@ -65,6 +65,8 @@ class Relay:
             self.stats, lambda: list(self.dispatcher.lanes.values()),
             lambda: [p.name for p in self.config.providers], lambda: list(self.config.classes),
             lambda: (self.spool.messages, self.spool.bytes)))
+        for name in [p.name for p in config.providers] + ["default"]:
+            self.metrics.connections.labels(name)   # a series from the start, at 0
 
     def _requeue(self, message: QueuedMessage, recipients: list[Recipient]) -> None:
         self.scheduler.defer(message, recipients)

@@ -129,12 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
     passwd = sub.add_parser("passwd", help="hash a password for accounts[].password")
     passwd.set_defaults(func=cmd_passwd)
+    from relay.admin.cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("queue", "provider", "reload"):
+            return int(args.func(args, _config_path(args)))
         return int(args.func(args))
+    except RelayError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -75,7 +75,8 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         paused = set()
-        suspended: dict[str, int] = {name: 0 for name in self._providers()}
+        # `default` is 1 when any domain without a provider is suspended
+        suspended: dict[str, int] = {name: 0 for name in [*self._providers(), "default"]}
         for lane in self._lanes():
             key = lane.destination.lane_key  # type: ignore[attr-defined]
             provider = lane.destination.provider  # type: ignore[attr-defined]
@@ -106,7 +107,9 @@ class StateCollector(Collector):
         oldest = GaugeMetricFamily("relay_queue_oldest_age_seconds",
                                    "Age of the oldest message waiting in the queue",
                                    labels=["provider", "class"])
-        for (provider, class_name), age in sorted(self._stats.oldest_ages(time.time()).items()):
+        ages = {(provider, class_name): 0.0 for provider, class_name, _ in depth}
+        ages.update(self._stats.oldest_ages(time.time()))
+        for (provider, class_name), age in sorted(ages.items()):
             oldest.add_metric([provider, class_name], age)
         yield oldest
         family = GaugeMetricFamily("relay_provider_suspended", "1 while a provider is suspended",

@@ -56,6 +56,7 @@ class Lane:
         self._workers: set[asyncio.Task[None]] = set()
         self._idle = 0
         self._wakeup = asyncio.Event()
+        self._interrupt = asyncio.Event()   # set by pause and shutdown: rate waits end early
         self._paused_until = 0.0
         self.suspended: str | None = None    # the reason, while a rule or an admin suspends
         self._failures = 0
@@ -83,6 +84,11 @@ class Lane:
     @property
     def paused(self) -> bool:
         return self._paused_until > time.monotonic()
+
+    @property
+    def _halted(self) -> bool:
+        """No new transaction may start: paused, or shutting down."""
+        return self.paused or self._ctx.stopping
 
     @property
     def busy(self) -> bool:
@@ -165,8 +171,16 @@ class Lane:
         return list(self._workers)
 
     def wake(self) -> None:
-        """Idle workers re-check their conditions (shutdown, pause)."""
+        """Idle and rate-waiting workers re-check their conditions (shutdown, pause)."""
         self._wakeup.set()
+        self._interrupt.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait for a rate slot; a pause or shutdown cuts the wait short."""
+        try:
+            await asyncio.wait_for(self._interrupt.wait(), seconds)
+        except TimeoutError:
+            pass
 
     def _kick(self) -> None:
         if self.paused or not self.pending or self._ctx.stopping:
@@ -190,7 +204,7 @@ class Lane:
     async def _worker(self) -> None:
         connection: Connection | None = None
         try:
-            while not self.paused and not self._ctx.stopping:
+            while not self._halted:
                 if len(self._workers) > self.shaper.max_connections():
                     # throttled or ramping: this worker is surplus; leave the set now so
                     # that only as many workers leave as there are too many
@@ -201,7 +215,7 @@ class Lane:
                 batch, wait = self._take()
                 if batch is None:
                     if wait is not None:
-                        await asyncio.sleep(wait)   # a rate allows the next one then
+                        await self._sleep(wait)   # a rate allows the next one then
                         continue
                     if connection is None or not await self._wait_for_work():
                         break
@@ -246,9 +260,9 @@ class Lane:
         """A new connection for `batch`, or None when the batch was settled or put back."""
         # Sleep until the computed slot, then re-check: another worker may have taken it,
         # and check-then-take with no await in between is atomic on the event loop.
-        while (wait := self.shaper.connection_delay()) > 0 and not self.paused:  # noqa: ASYNC110
-            await asyncio.sleep(wait)   # a known time, not a condition to wait on
-        if self.paused:
+        while (wait := self.shaper.connection_delay()) > 0 and not self._halted:
+            await self._sleep(wait)
+        if self._halted:
             self._unshift(batch)
             return None
         self.shaper.take_connection()
@@ -361,6 +375,7 @@ class Lane:
             self._resume.cancel()
             self._resume = None
         self._paused_until = 0.0
+        self._interrupt.clear()
         if self.suspended is not None:
             self.suspended = None
             self._ctx.suspensions.clear(self.key)
@@ -380,7 +395,7 @@ class Lane:
         if self._resume is not None:
             self._resume.cancel()
         self._resume = asyncio.get_running_loop().call_later(duration, self._resume_due)
-        self._wakeup.set()   # idle workers notice and close their connections
+        self.wake()   # idle and waiting workers notice and close their connections
 
     def _resume_due(self) -> None:
         self._resume = None

@@ -1,0 +1,171 @@
+"""`relay queue …`, `relay provider …`, `relay reload`: clients of the admin API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from relay.admin.client import AdminClient, endpoint_from_config
+
+
+def _client(args: argparse.Namespace, config_path: str) -> AdminClient:
+    url, token = endpoint_from_config(config_path)
+    return AdminClient(args.admin_url or url, args.token or token)
+
+
+def _messages(client: AdminClient, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    after = None
+    while True:
+        page = client.call("GET", "/api/queue", query={
+            "provider": args.provider or "", "class": args.class_name or "",
+            "state": args.state or "", "after": after or "", "limit": "1000"})
+        yield from page["messages"]
+        after = page.get("next")
+        if not after:
+            return
+
+
+def _mailq(messages: list[dict[str, Any]]) -> str:
+    """Postfix mailq layout: ID (* active, ! held), size, arrival, sender; then recipients."""
+    if not messages:
+        return "Mail queue is empty"
+    lines = ["-Queue ID-       --Size-- ----Arrival Time---- -Sender/Recipient-------"]
+    total = 0
+    for message in messages:
+        states = {r["state"] for r in message["recipients"]}
+        mark = "!" if message["held"] else "*" if "active" in states else " "
+        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(message["arrival"]))
+        lines.append(f"{message['id']}{mark:1s} {message['size']:>8d} {arrival}  "
+                     f"{message['sender'] or 'MAILER-DAEMON'}")
+        for r in message["recipients"]:
+            if r.get("last_reply"):
+                lines.append(f"({r['last_reply'][:200]})")
+            note = f"[{r['provider']}, {r['state']}" + (
+                f", attempt {r['attempts']}" if r["attempts"] else "") + "]"
+            lines.append(f"{'':42s}{r['address']}  {note}")
+        lines.append("")
+        total += message["size"]
+    count, plural = len(messages), "s" if len(messages) != 1 else ""
+    lines.append(f"-- {max(1, total // 1024)} Kbytes in {count} Request{plural}.")
+    return "\n".join(lines)
+
+
+def _show(message: dict[str, Any]) -> str:
+    arrival = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(message["arrival"]))
+    lines = [f"id:       {message['id']}{'  (held)' if message['held'] else ''}",
+             f"sender:   <{message['sender']}>", f"account:  {message['account']}",
+             f"class:    {message['class']}", f"size:     {message['size']}",
+             f"arrival:  {arrival}"]
+    if message.get("envid"):
+        lines.append(f"envid:    {message['envid']}")
+    lines.append("recipients:")
+    for r in message["recipients"]:
+        when = ""
+        if r.get("next_attempt"):
+            when = " next " + time.strftime("%H:%M:%S", time.localtime(r["next_attempt"]))
+        lines.append(f"  <{r['address']}> {r['state']} provider={r['provider']} "
+                     f"attempts={r['attempts']}{when}")
+        if r.get("last_reply"):
+            lines.append(f"      last reply: {r['last_reply']}")
+    lines += ["headers:", *("  " + line for line in message.get("headers", "").splitlines())]
+    return "\n".join(lines)
+
+
+def cmd_queue(args: argparse.Namespace, config_path: str) -> int:
+    client = _client(args, config_path)
+    action = args.queue_action
+    if action == "list":
+        messages = list(_messages(client, args))
+        print(json.dumps(messages, indent=2) if args.json else _mailq(messages))
+    elif action == "show":
+        message = client.call("GET", f"/api/queue/{args.id}")
+        print(json.dumps(message, indent=2) if args.json else _show(message))
+    elif action == "flush":
+        if args.id:
+            result = client.call("POST", f"/api/queue/{args.id}/flush")
+        else:
+            result = client.call("POST", "/api/queue/flush", body={"provider": args.provider})
+        print(f"{result['flushed']} deferred recipients are due now")
+    elif action == "delete":
+        for message_id in args.ids:
+            client.call("DELETE", f"/api/queue/{message_id}")
+            print(f"{message_id}: deleted")
+    else:   # hold, release, bounce
+        done = {"hold": "held", "release": "released", "bounce": "bounced"}[action]
+        for message_id in args.ids:
+            client.call("POST", f"/api/queue/{message_id}/{action}")
+            print(f"{message_id}: {done}")
+    return 0
+
+
+def cmd_provider(args: argparse.Namespace, config_path: str) -> int:
+    client = _client(args, config_path)
+    if args.provider_action == "list":
+        rows = client.call("GET", "/api/providers")["providers"]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for row in [] if args.json else rows:
+            state = f"suspended ({row['suspended']})" if row["suspended"] else (
+                "paused" if row["paused"] else "active")
+            print(f"{row['queue']:32s} {state:40s} batches={row['pending_batches']} "
+                  f"max_connections={row['max_connections']}")
+    elif args.provider_action == "suspend":
+        client.call("POST", f"/api/providers/{args.name}/suspend", body={"for": args.duration})
+        print(f"{args.name}: suspended for {args.duration}")
+    else:
+        client.call("POST", f"/api/providers/{args.name}/resume")
+        print(f"{args.name}: resumed")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace, config_path: str) -> int:
+    _client(args, config_path).call("POST", "/api/reload")
+    print("configuration reloaded")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="YAML file to find the admin API in "
+                        "(default: $RELAY_CONFIG or config/relay.yaml)")
+    common.add_argument("--admin-url", help="e.g. http://127.0.0.1:9025 (overrides the config)")
+    common.add_argument("--token", help="admin bearer token (default: admin.token or "
+                        "$RELAY_ADMIN_TOKEN)")
+
+    queue = sub.add_parser("queue", help="inspect and act on the mail queue")
+    qsub = queue.add_subparsers(dest="queue_action", required=True)
+    listing = qsub.add_parser("list", parents=[common], help="like mailq")
+    listing.add_argument("--provider")
+    listing.add_argument("--class", dest="class_name")
+    listing.add_argument("--state", choices=("ready", "deferred", "held", "active"))
+    listing.add_argument("--json", action="store_true")
+    show = qsub.add_parser("show", parents=[common], help="one message in detail")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    flush = qsub.add_parser("flush", parents=[common], help="deferred mail due now")
+    flush.add_argument("id", nargs="?")
+    flush.add_argument("--provider")
+    for action, text in (("hold", "keep from delivery until released"),
+                         ("release", "deliver again"), ("delete", "remove without a DSN"),
+                         ("bounce", "return to the sender with a DSN")):
+        parser = qsub.add_parser(action, parents=[common], help=text)
+        parser.add_argument("ids", nargs="+", metavar="ID")
+    queue.set_defaults(func=cmd_queue)
+
+    provider = sub.add_parser("provider", help="suspend or resume delivery to a provider")
+    psub = provider.add_subparsers(dest="provider_action", required=True)
+    plist = psub.add_parser("list", parents=[common], help="queues with their state")
+    plist.add_argument("--json", action="store_true")
+    suspend = psub.add_parser("suspend", parents=[common])
+    suspend.add_argument("name", help='provider name, or "default:<domain>"')
+    suspend.add_argument("--for", dest="duration", required=True, help='e.g. "1h"')
+    resume = psub.add_parser("resume", parents=[common])
+    resume.add_argument("name")
+    provider.set_defaults(func=cmd_provider)
+
+    reload = sub.add_parser("reload", parents=[common],
+                            help="re-read the daemon's YAML (like SIGHUP)")
+    reload.set_defaults(func=cmd_reload)

@@ -1,0 +1,333 @@
+"""Operating the daemon: metrics, admin API, CLI verbs, reload, graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.relayproc import make_message
+from tests.test_shaping import route
+
+TOKEN = "test-admin-token"
+
+
+def scrape(relay) -> dict[str, dict[tuple, float]]:
+    """name → {labels: value} from the daemon's /metrics, parsed by prometheus-client."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{relay.admin_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples: dict[str, dict[tuple, float]] = defaultdict(dict)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name][tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def depth(relay, provider: str, state: str, class_name: str = "transactional") -> float:
+    key = (("class", class_name), ("provider", provider), ("state", state))
+    return scrape(relay)["relay_queue_depth"].get(key, 0.0)
+
+
+def cli(relay, *args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
+    extra = ["--token", token] if token else []
+    return subprocess.run([sys.executable, "-m", "relay", *args, "-c", str(relay.config_path),
+                           *extra], capture_output=True, text=True, timeout=60)
+
+
+def api(relay, method: str, path: str, token: str | None = TOKEN, body=None):
+    request = urllib.request.Request(f"http://127.0.0.1:{relay.admin_port}{path}",
+                                     method=method, data=json.dumps(body).encode()
+                                     if body is not None else None)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def wait_until(predicate, timeout: float = 20) -> bool:
+    """Bounded wait on the daemon's observable state (its API answers, not a sleep guess)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_every_spec_metric_is_exported(relay_factory, dns_server, mx_farm):
+    route(dns_server, "example.test", "127.0.0.2")
+    mx = mx_farm.server("127.0.0.2")
+    mx.rcpt_hook = lambda a: "550 5.1.1 no such user" if a.startswith("nobody") else None
+    relay = relay_factory(admin={"token": TOKEN})
+    relay.send("app@example.org", ["bob@example.test", "nobody@example.test"],
+               make_message("metrics"))
+    with relay.client() as smtp:
+        assert smtp.mail("intruder@elsewhere.test")[0] == 553
+    mx.wait_messages(1)
+    relay.wait_log("status=bounced")
+    m = scrape(relay)
+    for name in ("relay_queue_depth", "relay_queue_oldest_age_seconds",
+                 "relay_messages_received_total", "relay_messages_rejected_total",
+                 "relay_deliveries_total", "relay_smtp_replies_total",
+                 "relay_delivery_delay_seconds_bucket", "relay_connections_open",
+                 "relay_provider_suspended", "relay_spool_messages", "relay_spool_bytes",
+                 "relay_config_reload_success"):
+        assert name in m, name
+    assert m["relay_messages_received_total"][
+        (("account", "app"), ("class", "transactional"))] == 1
+    assert m["relay_messages_rejected_total"][(("reason", "sender"),)] == 1
+    deliveries = m["relay_deliveries_total"]
+    assert deliveries[(("class", "transactional"), ("outcome", "delivered"),
+                       ("provider", "default"))] == 1
+    assert deliveries[(("class", "transactional"), ("outcome", "bounced"),
+                       ("provider", "default"))] >= 1
+    assert m["relay_smtp_replies_total"][(("code", "250"), ("provider", "default"))] >= 1
+    assert m["relay_smtp_replies_total"][(("code", "550"), ("provider", "default"))] == 1
+    assert m["relay_config_reload_success"][()] == 1
+    assert m["relay_provider_suspended"] == {(("provider", "default"),): 0}
+    # /metrics needs no token; the API does
+    assert api(relay, "GET", "/api/queue", token=None)[0] == 401
+    assert api(relay, "GET", "/healthz", token=None)[0] == 200
+    assert api(relay, "GET", "/readyz", token=None) == (200, {"status": "ready"})
+
+
+def test_queue_depth_per_state_matches_the_workload(relay_factory, dns_server, mx_farm):
+    route(dns_server, "slow.test", "127.0.0.33")      # one message a minute: the rest ready
+    route(dns_server, "stuck.test", "127.0.0.34")     # suspended: its mail is deferred
+    slow, _ = mx_farm.server("127.0.0.33"), mx_farm.server("127.0.0.34")
+    relay = relay_factory(admin={"token": TOKEN}, providers={
+        "slow": {"domains": ["slow.test"], "rate": "1/min"},
+        "stuck": {"domains": ["stuck.test"]}})
+    assert api(relay, "POST", "/api/providers/stuck/suspend", body={"for": "1h"})[0] == 200
+    for i in range(5):
+        relay.send("app@example.org", [f"u{i}@slow.test"], make_message(f"slow {i}"))
+    held_id = relay.send("app@example.org", ["h1@stuck.test", "h2@stuck.test"],
+                         make_message("to hold"))
+    for i in range(3):
+        relay.send("app@example.org", [f"s{i}@stuck.test"], make_message(f"stuck {i}"))
+    slow.wait_messages(1)
+    assert api(relay, "POST", f"/api/queue/{held_id}/hold")[0] == 200
+    assert wait_until(lambda: depth(relay, "slow", "ready") == 4)
+    assert depth(relay, "stuck", "deferred") == 3
+    assert depth(relay, "stuck", "held") == 2
+    m = scrape(relay)
+    assert m["relay_provider_suspended"][(("provider", "stuck"),)] == 1
+    assert m["relay_provider_suspended"][(("provider", "slow"),)] == 0
+    assert m["relay_spool_messages"][()] == 8
+    assert m["relay_queue_oldest_age_seconds"][(("class", "transactional"),
+                                                ("provider", "stuck"))] > 0
+    # After a restart the figures are the same: held and suspended survive it.
+    assert relay.stop() == 0
+    relay.start()
+    assert wait_until(lambda: depth(relay, "stuck", "held") == 2)
+    assert depth(relay, "stuck", "deferred") == 3
+    assert wait_until(lambda: depth(relay, "slow", "ready") == 3)   # one more went out
+    # release + resume: everything drains, the gauges fall to zero
+    assert api(relay, "POST", f"/api/queue/{held_id}/release")[0] == 200
+    assert api(relay, "POST", "/api/providers/stuck/resume")[0] == 200
+    assert wait_until(lambda: depth(relay, "stuck", "deferred") == 0
+                      and depth(relay, "stuck", "held") == 0
+                      and depth(relay, "stuck", "ready") == 0)
+
+
+def test_cli_verbs_against_a_running_daemon(relay_factory, dns_server, mx_farm, example_org):
+    route(dns_server, "later.test", "127.0.0.35")
+    mx = mx_farm.server("127.0.0.35")
+    mx.rcpt_hook = lambda a: "451 4.7.1 try again later"
+    relay = relay_factory(admin={"token": TOKEN}, retry={"initial": "1h", "max": "2h"},
+                          providers={"later": {"domains": ["later.test"]}})
+    ids = [relay.send("app@example.org", [f"u{i}@later.test"], make_message(f"q{i}"))
+           for i in range(4)]
+    relay.wait_log(f"id={ids[-1]} to=<u3@later.test>")
+
+    listing = cli(relay, "queue", "list")
+    assert listing.returncode == 0, listing.stderr
+    assert "-Queue ID-" in listing.stdout and "-- 1 Kbytes in 4 Requests." in listing.stdout
+    assert "(451 4.7.1 try again later)" in listing.stdout
+    assert "u0@later.test  [later, deferred, attempt 1]" in listing.stdout
+    as_json = json.loads(cli(relay, "queue", "list", "--provider", "later", "--json").stdout)
+    assert sorted(m["id"] for m in as_json) == sorted(ids)
+    assert json.loads(cli(relay, "queue", "list", "--provider", "nope", "--json").stdout) == []
+
+    shown = cli(relay, "queue", "show", ids[0])
+    assert shown.returncode == 0 and f"id:       {ids[0]}" in shown.stdout
+    assert "Subject: q0" in shown.stdout
+
+    assert cli(relay, "queue", "hold", ids[1]).stdout.strip() == f"{ids[1]}: held"
+    assert "!" in next(line for line in cli(relay, "queue", "list").stdout.splitlines()
+                       if line.startswith(ids[1]))
+    assert cli(relay, "queue", "release", ids[1]).returncode == 0
+
+    mx.rcpt_hook = lambda a: None
+    flushed = cli(relay, "queue", "flush", ids[0])
+    assert flushed.returncode == 0 and flushed.stdout.startswith("1 deferred")
+    assert mx.wait_messages(1)[0].rcpt_tos == ["u0@later.test"]
+
+    assert cli(relay, "queue", "delete", ids[2]).returncode == 0
+    assert cli(relay, "queue", "bounce", ids[3]).returncode == 0
+    [dsn] = example_org.wait_messages(1)
+    assert b"returned to sender by the administrator" in dsn.data
+
+    assert cli(relay, "provider", "suspend", "later", "--for", "1h").returncode == 0
+    assert "suspended (suspended by the administrator)" in cli(
+        relay, "provider", "list").stdout
+    assert cli(relay, "provider", "resume", "later").returncode == 0
+    flushed = cli(relay, "queue", "flush", "--provider", "later")
+    assert flushed.returncode == 0
+    mx.wait_for(lambda: "u1@later.test" in mx.recipients())
+    assert cli(relay, "reload").stdout.strip() == "configuration reloaded"
+    assert cli(relay, "queue", "list").stdout.strip() == "Mail queue is empty"
+
+    # errors are one clear line, never a traceback
+    unknown = cli(relay, "queue", "show", "NOSUCHID")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == "relay: no message with ID NOSUCHID in the queue"
+    refused = cli(relay, "queue", "list", token="wrong")
+    assert refused.returncode == 1 and "refused the token" in refused.stderr
+    assert "Traceback" not in refused.stderr + unknown.stderr
+    bad = cli(relay, "provider", "suspend", "nosuch", "--for", "1h")
+    assert bad.returncode == 1 and "no provider 'nosuch'" in bad.stderr
+    relay.stop()
+    down = cli(relay, "queue", "list")
+    assert down.returncode == 1
+    assert down.stderr.startswith("relay: cannot reach the relay daemon at http://127.0.0.1:")
+    assert len(down.stderr.strip().splitlines()) == 1
+
+
+def test_reload_applies_under_load_and_refuses_a_bad_file(relay_factory, dns_server,
+                                                          mx_farm):
+    route(dns_server, "load.test", "127.0.0.36")
+    mx = mx_farm.server("127.0.0.36")
+    relay = relay_factory(admin={"token": TOKEN})
+    stop = threading.Event()
+    acked: list[str] = []
+
+    def load() -> None:
+        with relay.client() as smtp:
+            i = 0
+            while not stop.is_set() and i < 2000:
+                message_id = f"load-{i}@reload.test"
+                smtp.sendmail("app@example.org", [f"u{i}@load.test"],
+                              make_message(f"l{i}", headers=f"Message-ID: <{message_id}>\r\n"))
+                acked.append(message_id)
+                i += 1
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        mx.wait_messages(20)
+        # valid change: a new provider with a connection limit, applied by SIGHUP
+        relay.config["providers"] = {"load": {"domains": ["load.test"], "max_connections": 1}}
+        relay.config_path.write_text(__import__("yaml").safe_dump(relay.config))
+        relay.proc.send_signal(signal.SIGHUP)
+        relay.wait_log("configuration reloaded")
+        mx.wait_for(lambda: len(mx.messages) >= len(acked) + 20 or len(mx.messages) > 200)
+        # an invalid file is kept out, the relay carries on
+        relay.config_path.write_text("providers: {load: {rate: fast}}\n")
+        status, answer = api(relay, "POST", "/api/reload")
+        assert status == 422 and any("providers.load.rate" in e for e in answer["errors"])
+        assert scrape(relay)["relay_config_reload_success"][()] == 0
+        assert "reload failed, the running configuration stays" in relay.log()
+    finally:
+        stop.set()
+        worker.join(60)
+    messages = mx.wait_messages(len(acked), timeout=60)
+    ids = [re.search(rb"Message-ID: <([^>]+)>", m.data).group(1).decode() for m in messages]
+    assert sorted(ids) == sorted(acked), "lost or duplicated messages across the reload"
+    assert "provider=load" in relay.log()   # the new provider took over routing
+
+
+def test_removed_account_stops_authenticating(relay_factory):
+    relay = relay_factory(admin={"token": TOKEN})
+    with relay.client():
+        pass
+    relay.config["accounts"] = []
+    relay.config_path.write_text(__import__("yaml").safe_dump(relay.config))
+    assert api(relay, "POST", "/api/reload")[0] == 200
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        with relay.client():
+            pass
+
+
+def test_sigterm_drains_then_restart_delivers_everything_acked(relay_factory, dns_server,
+                                                               mx_farm):
+    route(dns_server, "drain.test", "127.0.0.37")
+    mx = mx_farm.server("127.0.0.37")
+    relay = relay_factory(admin={"token": TOKEN}, defaults={"rate": "100/s"})
+    acked: list[str] = []
+    lock = threading.Lock()
+    enough = threading.Event()
+
+    def client(n: int) -> None:
+        try:
+            with relay.client() as smtp:
+                for i in range(100):
+                    message_id = f"c{n}-{i}@drain.test"
+                    smtp.sendmail("app@example.org", [f"u{n}@drain.test"], make_message(
+                        f"d{n}/{i}", headers=f"Message-ID: <{message_id}>\r\n"))
+                    with lock:
+                        acked.append(message_id)
+                        if len(acked) >= 150:
+                            enough.set()
+        except (smtplib.SMTPException, OSError):
+            return
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(5)]
+    for thread in threads:
+        thread.start()
+    assert enough.wait(60)
+    relay.proc.send_signal(signal.SIGTERM)
+    # during the drain, a new session is turned away with 421 4.3.2
+    turned_away = None
+    try:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as sock:
+            turned_away = sock.recv(200)
+    except OSError:
+        pass   # already closed: the drain was quicker than this connection
+    assert relay.proc.wait(60) == 0
+    for thread in threads:
+        thread.join(30)
+    if turned_away is not None:
+        assert turned_away.startswith(b"421 4.3.2")
+    assert "stopped;" in relay.log()
+    relay.start()
+    mx.wait_for(lambda: set(acked) <= {re.search(rb"Message-ID: <([^>]+)>", m.data).group(1)
+                                       .decode() for m in mx.messages}, timeout=60)
+    got = [re.search(rb"Message-ID: <([^>]+)>", m.data).group(1).decode() for m in mx.messages]
+    assert set(acked) <= set(got), f"{len(set(acked) - set(got))} acknowledged messages lost"
+    assert len(got) == len(set(got)), "a graceful stop must not repeat a delivery"
+
+
+def test_a_transaction_in_progress_finishes_during_the_drain(relay_factory, dns_server,
+                                                             mx_farm):
+    route(dns_server, "drain.test", "127.0.0.37")
+    mx = mx_farm.server("127.0.0.37")
+    relay = relay_factory()
+    with relay.client() as smtp:
+        smtp.mail("app@example.org")
+        smtp.rcpt("late@drain.test")
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.wait_log("shutting down")
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as sock:
+            assert sock.recv(200).startswith(b"421 4.3.2")
+        code, _ = smtp.data(make_message("in flight"))
+        assert code == 250
+    assert relay.proc.wait(60) == 0
+    relay.start()
+    assert mx.wait_messages(1)[0].rcpt_tos == ["late@drain.test"]
+
+
