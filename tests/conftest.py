@@ -39,9 +39,9 @@ def relay_factory(tmp_path: Path, dns_server: DnsServer, mx_farm: MxFarm,
     """Build (and later stop) relays; keyword arguments are merged into the test config."""
     started: list[RelayProcess] = []
 
-    def make(start: bool = True, **extra: Any) -> RelayProcess:
+    def make(start: bool = True, args: tuple[str, ...] = (), **extra: Any) -> RelayProcess:
         config = base_config(tmp_path, dns_server.port, mx_farm.port, password_hash, **extra)
-        relay = RelayProcess(tmp_path, config)
+        relay = RelayProcess(tmp_path, config, args)
         started.append(relay)
         return relay.start() if start else relay
 

@@ -38,8 +38,10 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 class RelayProcess:
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any],
+                 args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
+        self.args = args
         self.config = config
         self.port = config["listeners"][0]["port"]
         self.admin_port = config.get("admin", {}).get("port", 9025)
@@ -51,7 +53,7 @@ class RelayProcess:
     def start(self, timeout: float = 20) -> RelayProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path)],
+            [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path), *self.args],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
         log.close()
         deadline = time.monotonic() + timeout

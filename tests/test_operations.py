@@ -331,3 +331,43 @@ def test_a_transaction_in_progress_finishes_during_the_drain(relay_factory, dns_
     assert mx.wait_messages(1)[0].rcpt_tos == ["late@drain.test"]
 
 
+
+
+def test_a_second_signal_stops_at_once_and_loses_nothing(relay_factory, dns_server,
+                                                         mx_farm):
+    route(dns_server, "drain.test", "127.0.0.37")
+    mx = mx_farm.server("127.0.0.37")
+    relay = relay_factory(args=("--grace", "120"), providers={"stuck": {
+        "domains": ["drain.test"], "rate": "1/h"}})
+    ids = [relay.send("app@example.org", [f"u{i}@drain.test"], make_message(f"s{i}"))
+           for i in range(3)]
+    mx.wait_messages(1)
+    with relay.client() as smtp:       # a session that holds the drain open
+        smtp.mail("app@example.org")
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.wait_log("shutting down")
+        started = time.monotonic()
+        relay.proc.send_signal(signal.SIGTERM)
+        assert relay.proc.wait(30) == 0
+        assert time.monotonic() - started < 10     # not the 120 s grace
+    assert "second signal: stopping now" in relay.log()
+    relay.start()
+    mx.wait_messages(2)   # a restarted lane's rate starts afresh: one more goes at once
+    queued = {m["id"] for m in json.loads(
+        cli(relay, "queue", "list", "--json", token=None).stdout)}
+    delivered = {re.search(rb"with ESMTPSA id ([0-9A-Z]+)", m.data).group(1).decode()
+                 for m in mx.messages}
+    assert queued | delivered == set(ids) and not queued & delivered
+
+
+def test_json_logs(relay_factory, dns_server, mx_farm):
+    route(dns_server, "example.test", "127.0.0.2")
+    mx = mx_farm.server("127.0.0.2")
+    relay = relay_factory(args=("--log-format", "json"))
+    queue_id = relay.send("app@example.org", ["bob@example.test"], make_message("json"))
+    mx.wait_messages(1)
+    relay.wait_log("status=delivered")
+    entries = [json.loads(line) for line in relay.log().splitlines() if line.startswith("{")]
+    assert entries and all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    assert any(e["message"].startswith(f"id={queue_id} to=<bob@example.test>")
+               for e in entries)
