@@ -53,6 +53,7 @@ def measured_rate(times: list[float], window: float) -> float:
 
 def rates(args: argparse.Namespace, secret: str) -> None:
     dns, farm = DnsServer().start(), MxFarm(free_port())
+    dns.add("example.org", "A", "127.0.0.9")   # the senders' domain must be routable
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     try:
         cases = [  # (label, domain, ip, shaping, configured per second, recipients_of)
@@ -98,6 +99,7 @@ def isolation(args: argparse.Namespace, secret: str) -> None:
     results = []
     for with_dead in (False, True):
         dns, farm = DnsServer().start(), MxFarm(free_port())
+        dns.add("example.org", "A", "127.0.0.9")
         workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
         try:
             for domain, ip in (("healthy.test", "127.0.0.50"), ("blackhole.test", "127.0.0.51"),

@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 def message(size: int, n: int) -> bytes:
-    head = (f"From: <bench@example.org>\r\nTo: <sink@sink.test>\r\nSubject: bench {n}\r\n"
+    head = (f"From: <bench@[127.0.0.1]>\r\nTo: <sink@sink.test>\r\nSubject: bench {n}\r\n"
             f"Message-ID: <{n}.{time.time_ns()}@bench>\r\n\r\n").encode()
     line = b"The quick brown fox jumps over the lazy dog, again and again. 0123456789\r\n"
     body = (line * (size // len(line) + 1))[: max(0, size - len(head) - 2)]
@@ -55,7 +55,7 @@ async def _client(port: int, payloads: list[bytes], deadline: float, sent: list[
     for payload in payloads:
         if time.monotonic() > deadline:
             break
-        writer.write(b"MAIL FROM:<bench@example.org>\r\n")
+        writer.write(b"MAIL FROM:<bench@[127.0.0.1]>\r\n")
         assert (await reply()).startswith(b"250")
         writer.write(b"RCPT TO:<sink@sink.test>\r\n")
         assert (await reply()).startswith(b"250")

@@ -64,7 +64,7 @@ class Relay:
         self.metrics.watch(StateCollector(
             self.stats, lambda: list(self.dispatcher.lanes.values()),
             lambda: [p.name for p in self.config.providers], lambda: list(self.config.classes),
-            lambda: (self.spool.messages, self.spool.bytes)))
+            lambda: (self.spool.messages, self.spool.bytes, self.spool.quarantined)))
         for name in [p.name for p in config.providers] + ["default"]:
             self.metrics.connections.labels(name)   # a series from the start, at 0
 
@@ -119,7 +119,7 @@ class Relay:
         log.info("spool %s: recovered %d messages, %d recipients to deliver (%.1fs)",
                  self.spool.path, messages, recipients, time.monotonic() - started)
         self.listeners = Listeners(self.config, self.spool, tls_context, self.scheduler.submit,
-                                   self.metrics)
+                                   self.metrics, self.resolver)
         await self.listeners.start()
         self.admin = await start_admin(self)
         log.info("admin API and metrics on http://%s:%d/", self.config.admin.address,
@@ -173,7 +173,7 @@ class Relay:
                 log.warning("provider %s is gone from the config; its queued mail drains "
                             "under its old limits", lane.destination.provider)
         if self.listeners is not None:
-            self.listeners.reconfigure(config, tls_context)
+            self.listeners.reconfigure(config, tls_context, self.resolver)
         self.metrics.reload_success.set(1)
         log.info("configuration reloaded from %s", path)
         return []

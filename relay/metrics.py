@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay.routing.models import Where
@@ -66,7 +66,7 @@ class StateCollector(Collector):
 
     def __init__(self, stats: QueueStats, lanes: Callable[[], Iterable[LaneView]],
                  providers: Callable[[], list[str]], classes: Callable[[], list[str]],
-                 spool: Callable[[], tuple[int, int]]) -> None:
+                 spool: Callable[[], tuple[int, int, int]]) -> None:
         self._stats = stats
         self._lanes = lanes
         self._providers = providers
@@ -117,6 +117,9 @@ class StateCollector(Collector):
         for provider, value in sorted(suspended.items()):
             family.add_metric([provider], value)
         yield family
-        messages, size = self._spool()
+        messages, size, quarantined = self._spool()
         yield GaugeMetricFamily("relay_spool_messages", "Messages in the spool", value=messages)
         yield GaugeMetricFamily("relay_spool_bytes", "Bytes of messages in the spool", value=size)
+        yield CounterMetricFamily("relay_spool_quarantined",
+                                  "Damaged spool entries moved aside at startup",
+                                  value=quarantined)

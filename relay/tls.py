@@ -19,6 +19,28 @@ class TlsSetupError(RelayError):
 
 def server_context(tls: TlsConfig, spool_path: str, hostname: str) -> ssl.SSLContext:
     """Load cert/key (making a self-signed pair first when allowed and absent)."""
+    cert, key = certificate_files(tls, spool_path, hostname)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_into(context, cert, key)
+    return context
+
+
+def load_into(context: ssl.SSLContext, cert: str, key: str) -> None:
+    """(Re)load a certificate into a context; later handshakes use it (SIGHUP)."""
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise TlsSetupError(
+            f"tls.cert/tls.key: {cert} and {key} cannot be used together: {exc.reason}"
+        ) from exc
+    except OSError as exc:
+        raise TlsSetupError(f"tls.cert/tls.key: cannot read {cert} or {key}: "
+                            f"{exc.strerror}") from exc
+
+
+def certificate_files(tls: TlsConfig, spool_path: str, hostname: str) -> tuple[str, str]:
+    """The files to use, checked readable; a self-signed pair is made when allowed."""
     cert, key = tls.cert, tls.key
     if tls.self_signed and not (os.path.exists(cert) and os.path.exists(key)):
         cert = os.path.join(spool_path, "tls", "self-signed.pem")
@@ -33,15 +55,7 @@ def server_context(tls: TlsConfig, spool_path: str, hostname: str) -> ssl.SSLCon
                 f"{what}: {path} does not exist (set tls.self_signed: true for a local trial)")
         if not os.access(path, os.R_OK):
             raise TlsSetupError(f"{what}: {path} is not readable by this user")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:
-        raise TlsSetupError(
-            f"tls.cert/tls.key: {cert} and {key} cannot be used together: {exc.reason}"
-        ) from exc
-    return context
+    return cert, key
 
 
 def _make_self_signed(cert_path: str, key_path: str, hostname: str) -> None:

@@ -22,6 +22,9 @@ def password_hash() -> str:
 @pytest.fixture
 def dns_server() -> Iterator[DnsServer]:
     server = DnsServer().start()
+    # The senders' domain must be routable (the listener checks it); nothing listens at
+    # this address unless a test asks for example_org.
+    server.add("example.org", "A", "127.0.0.9")
     yield server
     server.stop()
 

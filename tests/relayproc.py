@@ -121,7 +121,8 @@ class RelayProcess:
     def send(self, sender: str, recipients: list[str], body: bytes | str, **kw: Any) -> str:
         """Submit one message; return the queue id from the 250 reply."""
         with self.client(**kw) as smtp:
-            smtp.mail(sender)
+            code, reply = smtp.mail(sender)
+            assert code == 250, (code, reply)
             for rcpt in recipients:
                 code, reply = smtp.rcpt(rcpt)
                 assert code == 250, (code, reply)

@@ -75,6 +75,7 @@ def test_never_an_open_relay(relay_factory):
 
 def test_trusted_network_submits_without_auth(relay_factory, dns_server, mx_farm):
     dns_server.add("example.test", "A", "127.0.0.2")
+    dns_server.add("anywhere.test", "A", "127.0.0.2")
     mx = mx_farm.server("127.0.0.2")
     relay = relay_factory(listeners=[{
         "name": "local", "address": "127.0.0.1", "port": __import__(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from relay.bounces.dsn import Failure, build_dsn
 from relay.config.model import Config
+from relay.errors import SpoolError
 from relay.metrics import Metrics
 from relay.reply import Reply, Verdict
 from relay.routing.models import Batch, QueuedMessage, Recipient, Where
@@ -114,15 +115,41 @@ class Outcomes:
                 now - envelope.received_at, recipient.attempts, reply.status, outcome, reply)
 
         for notices in (failures, delays):
-            if notices:
+            if not notices:
+                continue
+            try:
                 await self._bounce(message, notices, now)
+            except SpoolError as exc:
+                # No DSN without a place to store it: keep those recipients and try again,
+                # rather than fail them silently.
+                log.error("id=%s cannot store a DSN (%s): its recipients stay queued",
+                          envelope.id, exc)
+                if notices is failures:
+                    deferred += self._keep(message, failures, now)
         if message.done:
             self._registry.remove(envelope.id)
             await self._spool.remove(envelope.id)
         else:
-            await self._spool.record(envelope.id, _records(attempts))
+            try:
+                await self._spool.record(envelope.id, _records(attempts))
+            except SpoolError as exc:
+                # Outcomes stay true in memory; after a crash they would be repeated.
+                log.error("id=%s progress not saved: %s", envelope.id, exc)
         if deferred:
             self._requeue(message, deferred)
+
+    def _keep(self, message: QueuedMessage, failures: list[Failure],
+              now: float) -> list[Recipient]:
+        """Undo the failure of recipients whose DSN could not be stored."""
+        addresses = {f.recipient.address for f in failures}
+        kept = []
+        failed = (RecipientStatus.BOUNCED, RecipientStatus.EXPIRED)
+        for recipient in message.recipients:
+            if recipient.status in failed and recipient.spec.address in addresses:
+                recipient.status = RecipientStatus.DEFERRED
+                recipient.next_attempt = now + self.config.retry.initial
+                kept.append(recipient)
+        return kept
 
     async def _bounce(self, message: QueuedMessage, failures: list[Failure], now: float) -> None:
         envelope = message.envelope

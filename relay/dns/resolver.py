@@ -78,6 +78,19 @@ class Resolver:
         records.sort(key=lambda item: item[0])
         return [MxHost(name.lower(), pref) for pref, name in records]
 
+    async def routable(self, domain: str) -> bool:
+        """Can mail reach this domain: an MX that is not null, or an address?"""
+        try:
+            hosts = await self.mx_hosts(domain)
+        except DnsPermanentError:
+            return False
+        if hosts and hosts[0].name != domain:
+            return True
+        try:
+            return bool(await self.addresses(domain))
+        except DnsPermanentError:
+            return False
+
     async def addresses(self, host: str) -> list[str]:
         """IPv6 and IPv4 addresses of a host (AAAA first, as Postfix with both enabled)."""
         try:

@@ -39,6 +39,10 @@ def _valid_domain(domain: str, utf8: bool) -> bool:
 
 
 def valid_mailbox(address: str, utf8: bool = False) -> bool:
+    try:
+        address.encode("utf-8")   # invalid UTF-8 arrives as lone surrogates: refuse it
+    except UnicodeEncodeError:
+        return False
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain or len(address) > 254 or len(local) > 64:
         return False

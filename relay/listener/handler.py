@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from relay.config.model import Account, Config, Listener
-from relay.errors import SpoolError
+from relay.dns.resolver import Resolver
+from relay.errors import DnsTemporaryError, SpoolError
 from relay.listener.headers import detect, field_names, header_block, trace_headers
 from relay.listener.policy import ConnectionGate, Policy
 from relay.metrics import Metrics
@@ -28,7 +29,8 @@ log = logging.getLogger("relay.listener")
 class SubmissionHandler:
     def __init__(self, config: Config, listener: Listener, policy: Policy,
                  gate: ConnectionGate, spool: Spool,
-                 on_accepted: Callable[[QueuedMessage], None], metrics: Metrics) -> None:
+                 on_accepted: Callable[[QueuedMessage], None], metrics: Metrics,
+                 resolver: Resolver) -> None:
         self.config = config          # both replaced on reload
         self.listener = listener
         self.policy = policy
@@ -36,6 +38,7 @@ class SubmissionHandler:
         self.spool = spool
         self.on_accepted = on_accepted
         self.metrics = metrics
+        self.resolver = resolver      # replaced on reload
         self.sessions: set[Submission] = set()
 
     async def handle_EHLO(self, server: Submission, session: Any, envelope: Any,
@@ -65,7 +68,8 @@ class SubmissionHandler:
             return "554 5.7.1 Relay access denied: client not in trusted networks"
         return "530 5.7.0 Authentication required"
 
-    def check_sender(self, server: Submission, sender: str) -> str | None:
+    async def check_sender(self, server: Submission, sender: str) -> str | None:
+        """Null sender, the account's own senders, its rate, a domain bounces can reach."""
         if not sender:
             self.note_rejected("sender")
             return "550 5.7.1 Null sender is not allowed on submission"
@@ -76,6 +80,25 @@ class SubmissionHandler:
                         server.peer_ip)
             return (f"553 5.7.1 Sender address rejected: <{sender}> not owned by "
                     f"user {account.name}")
+        if account is not None and not self.policy.rates.allow(account):
+            self.note_rejected("rate")
+            log.warning("account %s over its rate %s: MAIL refused from %s", account.name,
+                        account.rate, server.peer_ip)
+            return (f"450 4.7.1 Error: account {account.name} is over its sending rate "
+                    f"({account.rate}); try again later")
+        return await self._sender_domain(sender)
+
+    async def _sender_domain(self, sender: str) -> str | None:
+        """A return path must be routable, or bounces have nowhere to go (Postfix's
+        reject_unknown_sender_domain)."""
+        domain = sender.rpartition("@")[2].lower()
+        try:
+            routable = await self.resolver.routable(domain)
+        except DnsTemporaryError:
+            return f"451 4.1.8 <{sender}>: Sender address rejected: cannot look up {domain}"
+        if not routable:
+            self.note_rejected("sender")
+            return f"550 5.1.8 <{sender}>: Sender address rejected: {domain} accepts no mail"
         return None
 
     def note_rejected(self, reason: str) -> None:

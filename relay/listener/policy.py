@@ -14,6 +14,7 @@ import os
 from collections import Counter
 
 from relay.config.model import Account, Config, Listener
+from relay.listener.abuse import AccountRates, AuthThrottle
 from relay.passwords import verify_password
 
 log = logging.getLogger("relay.listener")
@@ -59,6 +60,8 @@ class Policy:
         # logs in for every message does not pay a fresh scrypt (~50 ms of CPU) each time.
         self._verified: dict[str, bytes] = {}
         self._key = os.urandom(32)
+        self.rates = AccountRates()
+        self.auth_throttle = AuthThrottle()
 
     def reconfigure(self, config: Config) -> None:
         """New accounts take effect at once; remembered logins are forgotten."""

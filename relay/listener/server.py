@@ -12,12 +12,14 @@ import ssl
 from collections.abc import Callable
 
 from relay.config.model import Config, Listener
+from relay.dns.resolver import Resolver
 from relay.listener.handler import SubmissionHandler
 from relay.listener.policy import ConnectionGate, Policy
 from relay.listener.session import Submission
 from relay.metrics import Metrics
 from relay.routing.models import QueuedMessage
 from relay.spool.store import Spool
+from relay.tls import certificate_files, load_into
 
 log = logging.getLogger("relay.listener")
 
@@ -28,7 +30,9 @@ def _socket_key(listener: Listener) -> tuple[str, int, str]:
 
 class Listeners:
     def __init__(self, config: Config, spool: Spool, tls_context: ssl.SSLContext | None,
-                 on_accepted: Callable[[QueuedMessage], None], metrics: Metrics) -> None:
+                 on_accepted: Callable[[QueuedMessage], None], metrics: Metrics,
+                 resolver: Resolver) -> None:
+        self.resolver = resolver
         self.config = config
         self.tls_context = tls_context       # read at each new connection: reload swaps it
         self.policy = Policy(config)
@@ -44,7 +48,8 @@ class Listeners:
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
             handler = SubmissionHandler(self.config, listener, self.policy, self.gate,
-                                        self._spool, self._on_accepted, self._metrics)
+                                        self._spool, self._on_accepted, self._metrics,
+                                        self.resolver)
             self.handlers.append(handler)
             implicit = listener.tls == "implicit"
             self.servers.append(await loop.create_server(
@@ -68,7 +73,8 @@ class Listeners:
             timeout=config.limits.idle_timeout,
         )
 
-    def reconfigure(self, config: Config, tls_context: ssl.SSLContext | None) -> None:
+    def reconfigure(self, config: Config, tls_context: ssl.SSLContext | None,
+                    resolver: Resolver) -> None:
         """New limits, accounts, classes and certificate for new sessions. Sockets stay:
         a changed address, port or TLS mode takes effect at the next restart."""
         if [_socket_key(x) for x in config.listeners] != \
@@ -76,13 +82,21 @@ class Listeners:
             log.warning("listener addresses, ports or TLS modes changed: "
                         "they take effect at the next restart")
         by_name = {listener.name: listener for listener in config.listeners}
+        self.resolver = resolver
         for handler in self.handlers:
             handler.config = config
+            handler.resolver = resolver
             new = by_name.get(handler.listener.name)
             if new is not None and _socket_key(new) == _socket_key(handler.listener):
                 handler.listener = new
         self.config = config
-        self.tls_context = tls_context
+        if self.tls_context is None or tls_context is None:
+            self.tls_context = tls_context
+        else:
+            # Load the new certificate into the context the sockets already hold, so that
+            # implicit-TLS listeners (whose socket owns its context) change too.
+            cert, key = certificate_files(config.tls, config.spool_path, config.hostname)
+            load_into(self.tls_context, cert, key)
         self.policy.reconfigure(config)
         self.gate.total = config.limits.max_connections
         self.gate.per_ip = config.limits.max_connections_per_ip

@@ -92,10 +92,18 @@ class Submission(SMTP):
     # AUTH: credentials are checked off the event loop (scrypt is deliberately slow).
 
     async def _check(self, login: bytes, password: bytes) -> AuthResult:
+        throttle = self.handler.policy.auth_throttle
+        if throttle.locked(self.peer_ip):
+            log.warning("AUTH refused from %s: too many failures", self.peer_ip)
+            await self.push("454 4.7.0 Too many authentication failures, try again later")
+            return AuthResult(success=False, handled=True)
         account = await self.handler.policy.authenticate(login, password)
         if account is None:
-            log.warning("AUTH failed from %s for %r", self.peer_ip,
-                        login.decode("utf-8", "replace")[:64])
+            delay = throttle.failed(self.peer_ip)
+            log.warning("AUTH failed from %s for %r (answer delayed %.1fs)", self.peer_ip,
+                        login.decode("utf-8", "replace")[:64], delay)
+            if delay:
+                await asyncio.sleep(delay)   # each failure costs the guesser more time
             return AuthResult(success=False, handled=False)
         return AuthResult(success=True, auth_data=LoginPassword(login, b""),
                           message=None)
@@ -160,9 +168,10 @@ class Submission(SMTP):
             return
         utf8 = "SMTPUTF8" in params
         if sender and not valid_mailbox(sender, utf8):
+            self.handler.note_rejected("syntax")
             await self.push("501 5.1.7 Bad sender address syntax")
             return
-        reply = self.handler.check_sender(self, sender)
+        reply = await self.handler.check_sender(self, sender)
         if reply:
             await self.push(reply)
             return

@@ -125,6 +125,7 @@ class Spool:
         self._buckets: set[str] = set()
         self.messages = 0   # files in the spool, and their bytes: relay_spool_* gauges
         self.bytes = 0
+        self.quarantined = 0
 
     def open(self) -> None:
         """Create the layout; fail with a clear SpoolError if the path is unusable."""
@@ -287,6 +288,7 @@ class Spool:
         source = self.message_path(message_id)
         target = os.path.join(self.quarantine_dir, message_id)
         log.error("spool: quarantined %s (%s) to %s", message_id, reason, target)
+        self.quarantined += 1
         for suffix in ("", _STATE_SUFFIX):
             if os.path.exists(source + suffix):
                 shutil.move(source + suffix, target + suffix)
