@@ -89,6 +89,19 @@ class Submission(SMTP):
         return self._tls_protocol is not None or (
             self.transport is not None and self.transport.get_extra_info("sslcontext") is not None)
 
+    async def handle_exception(self, error: Exception) -> str:
+        """Any error in a session ends it. aiosmtpd's default answers 500 and reads the
+        next line; at EOF that read fails again at once, without ever yielding, and the
+        session spins (a traceback per turn) until its send buffer fills. Closing first
+        makes the loop end at its next write."""
+        if self.transport is not None:
+            self.transport.close()
+        if isinstance(error, asyncio.IncompleteReadError | ConnectionError):
+            log.debug("session with %s ended mid-command: %s", self.peer_ip, error)
+            return "421 4.4.2 Connection lost"
+        log.error("session with %s failed; closing it", self.peer_ip, exc_info=error)
+        return "421 4.3.0 Internal error, closing connection"
+
     # AUTH: credentials are checked off the event loop (scrypt is deliberately slow).
 
     async def _check(self, login: bytes, password: bytes) -> AuthResult:
