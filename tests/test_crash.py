@@ -137,3 +137,30 @@ def test_crash_loop(relay_factory, dns_server, mx_farm, example_org):
     duplicates = sum(c - 1 for c in counts.values())
     print(f"\ncrash loop: {kills} kills, {len(expected)} acknowledged, {len(counts)} delivered, "
           f"lost=0, delivered twice={duplicates}, DSNs={len(example_org.messages)}")
+
+
+def test_damaged_spool_entries_are_quarantined_at_startup(relay_factory, dns_server, mx_farm):
+    from pathlib import Path
+
+    from tests.test_operations import scrape
+
+    dns_server.add("sink.test", "A", "127.0.0.2")
+    mx = mx_farm.server("127.0.0.2")
+    mx.rcpt_hook = lambda a: "451 4.3.0 later"
+    relay = relay_factory(retry={"initial": "1s", "max": "1s"})
+    good = relay.send("app@example.org", ["a@sink.test"], make_message("good"))
+    bad = relay.send("app@example.org", ["b@sink.test"], make_message("bad"))
+    relay.kill()
+    spool = Path(relay.workdir) / "spool"
+    damaged = next(spool.rglob(bad))
+    damaged.write_bytes(damaged.read_bytes()[:-20])          # truncated body
+    garbage = damaged.parent / "27ZZZZZZZZZZZZZ"
+    garbage.write_bytes(b"\x00\xffnot a spool file")
+    mx.rcpt_hook = lambda a: None
+    relay.start()
+    [delivered] = mx.wait_messages(1)
+    assert delivered.rcpt_tos == ["a@sink.test"] and good.encode() in delivered.data
+    assert sorted(p.name for p in (spool / "quarantine").iterdir()) == sorted(
+        [bad, garbage.name])
+    assert scrape(relay)["relay_spool_quarantined_total"][()] == 2
+    assert f"spool: quarantined {bad}" in relay.log()

@@ -255,7 +255,7 @@ class Spool:
                 try:
                     yield self._load(path, names)
                 except SpoolCorrupt as exc:
-                    self.quarantine(name, str(exc))
+                    self.quarantine(name, str(exc), path)
                 except OSError as exc:
                     log.error("spool: cannot read %s: %s", path, exc)
 
@@ -283,9 +283,9 @@ class Spool:
         held = os.path.basename(path) + _HOLD_SUFFIX in names
         return Recovered(envelope, offset, records, held)
 
-    def quarantine(self, message_id: str, reason: str) -> None:
+    def quarantine(self, message_id: str, reason: str, path: str | None = None) -> None:
         """Move a damaged entry aside: never delivered, never blocking startup."""
-        source = self.message_path(message_id)
+        source = path or self.message_path(message_id)
         target = os.path.join(self.quarantine_dir, message_id)
         log.error("spool: quarantined %s (%s) to %s", message_id, reason, target)
         self.quarantined += 1
