@@ -364,3 +364,17 @@ def test_flood_of_idle_connections(open_relay_for_junk):
     assert time.monotonic() - started < 10
     for sock in flood:
         sock.close()
+
+
+def test_overlong_header_line(open_relay_for_junk):
+    relay = open_relay_for_junk
+    sock = session(relay)
+    exchange(sock, b"MAIL FROM:<app@example.org>\r\n")
+    exchange(sock, b"RCPT TO:<long@example.test>\r\n")
+    assert exchange(sock, b"DATA\r\n").startswith(b"354")
+    reply = exchange(sock, b"Subject: " + b"w" * 50_000 + b"\r\nX-Other: " + b"z" * 9_000 +
+                     b"\r\n\r\nbody\r\n.\r\n")
+    assert reply.startswith(b"250")        # within max_message_size: accepted as sent
+    assert exchange(sock, b"NOOP\r\n").startswith(b"250")
+    sock.close()
+    still_serves(relay)
