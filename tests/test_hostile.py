@@ -230,6 +230,15 @@ def session(relay) -> socket.socket:
     return sock
 
 
+def begin_data(relay, recipient: str) -> socket.socket:
+    """A session that has reached DATA (354) with one recipient."""
+    sock = session(relay)
+    assert exchange(sock, b"MAIL FROM:<app@example.org>\r\n").startswith(b"250")
+    assert exchange(sock, f"RCPT TO:<{recipient}>\r\n".encode()).startswith(b"250")
+    assert exchange(sock, b"DATA\r\n").startswith(b"354")
+    return sock
+
+
 def test_overlong_command_lines(open_relay_for_junk):
     relay = open_relay_for_junk
     sock = session(relay)
@@ -276,10 +285,7 @@ def test_ten_thousand_recipients(open_relay_for_junk):
 
 def test_oversized_data_is_refused_without_buffering(open_relay_for_junk):
     relay = open_relay_for_junk
-    sock = session(relay)
-    exchange(sock, b"MAIL FROM:<app@example.org>\r\n")
-    exchange(sock, b"RCPT TO:<big@example.test>\r\n")
-    assert exchange(sock, b"DATA\r\n").startswith(b"354")
+    sock = begin_data(relay, "big@example.test")
     line = b"y" * 998 + b"\r\n"
     for _ in range(2000):                      # 2 MB into a 64 KiB limit
         sock.sendall(line)
@@ -294,10 +300,7 @@ def test_oversized_data_is_refused_without_buffering(open_relay_for_junk):
 def test_bare_lf_is_normalised_before_relaying(open_relay_for_junk, mx_farm):
     relay = open_relay_for_junk
     mx = mx_farm.servers["127.0.0.2"]
-    sock = session(relay)
-    exchange(sock, b"MAIL FROM:<app@example.org>\r\n")
-    exchange(sock, b"RCPT TO:<lf@example.test>\r\n")
-    exchange(sock, b"DATA\r\n")
+    sock = begin_data(relay, "lf@example.test")
     reply = exchange(sock, b"Subject: lf\n\nline one\nline two\n.\nMAIL FROM:<evil@x>\r\n"
                            b"\r\n.\r\n")
     assert reply.startswith(b"250")
@@ -310,10 +313,7 @@ def test_bare_lf_is_normalised_before_relaying(open_relay_for_junk, mx_farm):
 
 def test_client_vanishing_mid_data_stores_nothing(open_relay_for_junk):
     relay = open_relay_for_junk
-    sock = session(relay)
-    exchange(sock, b"MAIL FROM:<app@example.org>\r\n")
-    exchange(sock, b"RCPT TO:<cut@example.test>\r\n")
-    exchange(sock, b"DATA\r\n")
+    sock = begin_data(relay, "cut@example.test")
     sock.sendall(b"Subject: cut\r\n\r\nhalf a message")
     sock.close()
     still_serves(relay)
@@ -368,10 +368,7 @@ def test_flood_of_idle_connections(open_relay_for_junk):
 
 def test_overlong_header_line(open_relay_for_junk):
     relay = open_relay_for_junk
-    sock = session(relay)
-    exchange(sock, b"MAIL FROM:<app@example.org>\r\n")
-    exchange(sock, b"RCPT TO:<long@example.test>\r\n")
-    assert exchange(sock, b"DATA\r\n").startswith(b"354")
+    sock = begin_data(relay, "long@example.test")
     reply = exchange(sock, b"Subject: " + b"w" * 50_000 + b"\r\nX-Other: " + b"z" * 9_000 +
                      b"\r\n\r\nbody\r\n.\r\n")
     assert reply.startswith(b"250")        # within max_message_size: accepted as sent

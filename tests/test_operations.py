@@ -17,6 +17,7 @@ from collections import defaultdict
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.load import Load, received_ids
 from tests.relayproc import make_message
 from tests.test_shaping import route
 
@@ -265,31 +266,11 @@ def test_removed_account_stops_authenticating(relay_factory):
 
 def test_sigterm_drains_then_restart_delivers_everything_acked(relay_factory, dns_server,
                                                                mx_farm):
-    route(dns_server, "drain.test", "127.0.0.37")
+    route(dns_server, "sink.test", "127.0.0.37")
     mx = mx_farm.server("127.0.0.37")
     relay = relay_factory(admin={"token": TOKEN}, defaults={"rate": "100/s"})
-    acked: list[str] = []
-    lock = threading.Lock()
-    enough = threading.Event()
-
-    def client(n: int) -> None:
-        try:
-            with relay.client() as smtp:
-                for i in range(100):
-                    message_id = f"c{n}-{i}@drain.test"
-                    smtp.sendmail("app@example.org", [f"u{n}@drain.test"], make_message(
-                        f"d{n}/{i}", headers=f"Message-ID: <{message_id}>\r\n"))
-                    with lock:
-                        acked.append(message_id)
-                        if len(acked) >= 150:
-                            enough.set()
-        except (smtplib.SMTPException, OSError):
-            return
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(5)]
-    for thread in threads:
-        thread.start()
-    assert enough.wait(60)
+    load = Load(relay, "drain", clients=5, per_client=100).start()   # 500 messages
+    assert load.wait_acked(150)
     relay.proc.send_signal(signal.SIGTERM)
     # during the drain, a new session is turned away with 421 4.3.2
     turned_away = None
@@ -299,17 +280,15 @@ def test_sigterm_drains_then_restart_delivers_everything_acked(relay_factory, dn
     except OSError:
         pass   # already closed: the drain was quicker than this connection
     assert relay.proc.wait(60) == 0
-    for thread in threads:
-        thread.join(30)
+    acked = load.stop()
     if turned_away is not None:
         assert turned_away.startswith(b"421 4.3.2")
     assert "stopped;" in relay.log()
     relay.start()
-    mx.wait_for(lambda: set(acked) <= {re.search(rb"Message-ID: <([^>]+)>", m.data).group(1)
-                                       .decode() for m in mx.messages}, timeout=60)
-    got = [re.search(rb"Message-ID: <([^>]+)>", m.data).group(1).decode() for m in mx.messages]
-    assert set(acked) <= set(got), f"{len(set(acked) - set(got))} acknowledged messages lost"
-    assert len(got) == len(set(got)), "a graceful stop must not repeat a delivery"
+    mx.wait_for(lambda: acked <= set(received_ids(mx)), timeout=60)
+    counts = received_ids(mx)
+    assert acked <= set(counts), f"{len(acked - set(counts))} acknowledged messages lost"
+    assert max(counts.values()) == 1, "a graceful stop must not repeat a delivery"
 
 
 def test_a_transaction_in_progress_finishes_during_the_drain(relay_factory, dns_server,
