@@ -21,9 +21,9 @@ USER relay
 VOLUME ["/var/spool/relay"]
 EXPOSE 587 9025
 
-# The listener answers a greeting: the daemon is up and its event loop is not stuck.
+# /readyz: the listeners serve and the spool is writable (admin listener, default port).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
-    CMD python -c "import smtplib; smtplib.SMTP('127.0.0.1', 587, timeout=8).noop()" || exit 1
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9025/readyz', timeout=8)" || exit 1
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["relay"]
