@@ -95,17 +95,6 @@ class Relay:
             self.scheduler.submit(message)
         return messages, recipients
 
-    def _restore_lane(self, key: str) -> None:
-        """Create a suspended provider's lane now, so it is paused before any mail routes."""
-        provider = next((p for p in self.config.providers if p.name == key), None)
-        if provider is not None:
-            destination = self.router.destination_for(provider)
-        elif key.startswith("default:"):
-            destination = self.router.destination_for(None, key.partition(":")[2])
-        else:
-            return  # a provider no longer in the config
-        self.dispatcher.lane(destination)
-
     async def start(self) -> None:
         """Everything that can fail with a clear message fails here, before serving."""
         self.spool.open()
@@ -114,7 +103,9 @@ class Relay:
         for key, suspension in self.suspensions.load().items():
             log.info("lane %s stays suspended for %.0fs: %s", key,
                      suspension.until - time.time(), suspension.reason)
-            self._restore_lane(key)
+            destination = self.router.destination_for_key(key)
+            if destination is not None:   # created now: paused before any mail routes
+                self.dispatcher.lane(destination)
         messages, recipients = await self.recover()
         log.info("spool %s: recovered %d messages, %d recipients to deliver (%.1fs)",
                  self.spool.path, messages, recipients, time.monotonic() - started)
@@ -163,12 +154,9 @@ class Relay:
         self.outcomes.config = config
         self.dispatcher.context.config = config
         for lane in list(self.dispatcher.lanes.values()):
-            provider = next((p for p in config.providers
-                             if p.name == lane.destination.provider), None)
-            if provider is not None:
-                lane.reconfigure(self.router.destination_for(provider))
-            elif lane.destination.provider == "default":
-                lane.reconfigure(self.router.destination_for(None, lane.key.partition(":")[2]))
+            destination = self.router.destination_for_key(lane.key)
+            if destination is not None:
+                lane.reconfigure(destination)
             else:
                 log.warning("provider %s is gone from the config; its queued mail drains "
                             "under its old limits", lane.destination.provider)

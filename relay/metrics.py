@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from relay.routing.models import Where
+from relay.routing.router import Destination
 from relay.routing.stats import QueueStats
 
 STATES = ("ready", "deferred", "held")
@@ -25,12 +26,11 @@ REJECT_REASONS = ("auth", "sender", "rate", "size", "recipients", "storage", "sy
 
 
 class LaneView(Protocol):
+    destination: Destination
+    suspended: str | None
+
     @property
     def paused(self) -> bool: ...
-    @property
-    def suspended(self) -> str | None: ...
-    @property
-    def destination(self) -> object: ...
 
 
 class Metrics:
@@ -78,8 +78,7 @@ class StateCollector(Collector):
         # `default` is 1 when any domain without a provider is suspended
         suspended: dict[str, int] = {name: 0 for name in [*self._providers(), "default"]}
         for lane in self._lanes():
-            key = lane.destination.lane_key  # type: ignore[attr-defined]
-            provider = lane.destination.provider  # type: ignore[attr-defined]
+            key, provider = lane.destination.lane_key, lane.destination.provider
             if lane.paused:
                 paused.add(key)
             if lane.suspended is not None:

@@ -48,10 +48,6 @@ class Reply:
         return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(self.code // 100, "4.0.0")
 
     @property
-    def is_temporary(self) -> bool:
-        return self.code // 100 == 4
-
-    @property
     def is_permanent(self) -> bool:
         return self.code // 100 == 5
 

@@ -14,6 +14,7 @@ from relay.routing.models import Batch, QueuedMessage, Recipient, Where
 
 if TYPE_CHECKING:
     from relay.app import Relay
+    from relay.delivery.lane import Lane
 
 log = logging.getLogger("relay.admin")
 
@@ -43,7 +44,7 @@ class QueueService:
             return "active"
         return recipient.status.name.lower() if recipient.status.is_final else "routing"
 
-    def _lane_of(self, recipient: Recipient) -> Any:
+    def _lane_of(self, recipient: Recipient) -> Lane | None:
         if recipient.destination is None:
             return None
         return self._relay.dispatcher.lanes.get(recipient.destination.lane_key)
@@ -81,11 +82,11 @@ class QueueService:
 
     def _headers(self, message: QueuedMessage) -> str:
         try:
-            data = self._relay.spool.read_message(message.id, message.body_offset)
+            data = self._relay.spool.read_message(message.id, message.body_offset, 16384)
         except OSError:
             return ""
         end = data.find(b"\r\n\r\n")
-        return data[: end if end >= 0 else 16384][:16384].decode("utf-8", "replace")
+        return data[: end if end >= 0 else len(data)].decode("utf-8", "replace")
 
     def list_messages(self, provider: str | None = None, class_name: str | None = None,
              state: str | None = None, after: str | None = None,
@@ -198,15 +199,13 @@ class QueueService:
         log.info("id=%s bounced by the administrator (%d recipients)", message_id, len(waiting))
         return len(waiting)
 
-    def _lane_for(self, name: str) -> Any:
+    def _lane_for(self, name: str) -> Lane:
         relay = self._relay
-        provider = next((p for p in relay.config.providers if p.name == name), None)
-        if provider is not None:
-            return relay.dispatcher.lane(relay.router.destination_for(provider))
-        if name.startswith("default:") and "." in name:
-            return relay.dispatcher.lane(relay.router.destination_for(None, name[8:]))
-        known = ", ".join(p.name for p in relay.config.providers)
-        raise NotFound(f"no provider {name!r} (providers: {known}; or default:<domain>)")
+        destination = relay.router.destination_for_key(name)
+        if destination is None:
+            known = ", ".join(p.name for p in relay.config.providers)
+            raise NotFound(f"no provider {name!r} (providers: {known}; or default:<domain>)")
+        return relay.dispatcher.lane(destination)
 
     def suspend(self, name: str, seconds: float) -> None:
         if seconds <= 0:

@@ -32,9 +32,6 @@ class ConnectionGate:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    @property
-    def open(self) -> int:
-        return self._open
 
     def admit(self, ip: str) -> bool:
         if self._open >= self.total or self._by_ip[ip] >= self.per_ip:

@@ -8,7 +8,7 @@ with a million messages.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from relay.routing.models import QueuedMessage
 
@@ -60,5 +60,3 @@ class Registry:
         cursor = None if last else self._order[position]
         return found, cursor
 
-    def __iter__(self) -> Iterator[QueuedMessage]:
-        return iter(list(self.messages.values()))

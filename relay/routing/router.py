@@ -72,8 +72,16 @@ class Router:
         self._cache[domain] = destination
         return destination
 
-    def destination_for(self, provider: Provider | None, domain: str = "") -> Destination:
-        return self._destination(domain, provider)
+    def destination_for_key(self, key: str) -> Destination | None:
+        """The destination behind a lane key (a provider name or "default:<domain>") under
+        the current config; None when no such provider is configured."""
+        for provider in self._config.providers:
+            if provider.name == key:
+                return self._destination("", provider)
+        prefix, _, domain = key.partition(":")
+        if prefix == DEFAULT_PROVIDER and domain:
+            return self._destination(domain, None)
+        return None
 
     def _destination(self, domain: str, provider: Provider | None) -> Destination:
         if provider is not None:

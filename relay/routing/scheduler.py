@@ -76,7 +76,7 @@ class Scheduler:
             self.stats.move(message, recipients, Where.HELD)
             return
         now = time.time()
-        due = []
+        due, later = [], []
         for recipient in recipients:
             if recipient.next_attempt <= now:
                 due.append(recipient)
@@ -85,7 +85,8 @@ class Scheduler:
                 self._changed.set()
             heapq.heappush(self._heap, (recipient.next_attempt, next(self._seq),
                                         message, recipient))
-            self.stats.move(message, [recipient], Where.SCHEDULED)
+            later.append(recipient)
+        self.stats.move(message, later, Where.SCHEDULED)
         if due:
             self._dispatch(message, due)
 

@@ -222,11 +222,11 @@ class Spool:
             raise SpoolError(exc.errno, f"cannot mark {message_id}: {exc.strerror}") from exc
         await self._dirsync.sync(self._dir(message_id))
 
-    def read_message(self, message_id: str, body_offset: int) -> bytes:
+    def read_message(self, message_id: str, body_offset: int, limit: int = -1) -> bytes:
         try:
             with open(self.message_path(message_id), "rb") as handle:
                 handle.seek(body_offset)
-                return handle.read()
+                return handle.read(limit)
         except OSError as exc:
             raise SpoolError(exc.errno, f"cannot read {message_id}: {exc.strerror}") from exc
 
