@@ -6,7 +6,6 @@ pass. Anything that reaches the wire (hostnames, addresses) is checked for CR/LF
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import socket
@@ -16,12 +15,12 @@ from typing import Any, TypeVar
 import yaml
 
 from relay.config import model as m
+from relay.config import values as v
 from relay.config.units import Rate, parse_duration, parse_rate, parse_size
 from relay.errors import ConfigError
 
 T = TypeVar("T")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$")
 _MISSING = object()
 
 DEFAULT_CLASSES = {
@@ -29,10 +28,6 @@ DEFAULT_CLASSES = {
     "bulk": {"priority": 1, "detect": ["list-id", "list-unsubscribe", "precedence-bulk"]},
 }
 DETECTORS = ("list-id", "list-unsubscribe", "precedence-bulk")
-SHAPING_KEYS = (
-    "max_connections", "max_messages_per_connection", "max_recipients_per_message",
-    "rate", "connection_rate", "recipient_rate", "route", "tls", "rules",
-)
 
 
 class _Problems:
@@ -99,113 +94,6 @@ class _Node:
                 self.problems.add(self.key(str(name)), "unknown key")
 
 
-# Scalar parsers: each raises ValueError with a sentence.
-
-def _int(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected a whole number, got {value!r}")
-        if value < minimum or (maximum is not None and value > maximum):
-            upper = f" and at most {maximum}" if maximum is not None else ""
-            raise ValueError(f"expected at least {minimum}{upper}, got {value}")
-        return value
-    return parse
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {value!r}")
-    if "\r" in value or "\n" in value:
-        raise ValueError("must not contain CR or LF")
-    return value
-
-
-def _choice(*options: str) -> Callable[[Any], Any]:
-    """The value, if it is one of `options` (typed Any: the caller's Literal type)."""
-    def parse(value: Any) -> Any:
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
-        return str(value)
-    return parse
-
-
-def _hostname(value: Any) -> str:
-    text = _str(value)
-    if not _HOSTNAME.match(text):
-        raise ValueError(f"expected a host name like relay.example.org, got {value!r}")
-    return text
-
-
-def _ip(value: Any) -> str:
-    text = _str(value)
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        raise ValueError(f"expected an IP address, got {value!r}") from None
-    return text
-
-
-def _network(value: Any) -> m.IPNetwork:
-    try:
-        return ipaddress.ip_network(_str(value), strict=False)
-    except ValueError:
-        raise ValueError(f'expected a CIDR like "192.0.2.0/24", got {value!r}') from None
-
-
-def _host_port(default_port: int) -> Callable[[Any], tuple[str, int]]:
-    """"host", "host:port", "[v6]:port", "v6" → (host, port)."""
-    def parse(value: Any) -> tuple[str, int]:
-        text = _str(value)
-        match = re.match(r"^\[([0-9A-Fa-f:.]+)\](?::(\d+))?$", text)
-        if match:
-            host, port = match.group(1), match.group(2)
-        elif text.count(":") == 1:
-            host, port = text.split(":")
-        else:
-            host, port = text, None
-        port_number = int(port) if port and port.isdigit() else default_port
-        if (port is not None and not port.isdigit()) or not 0 < port_number < 65536:
-            raise ValueError(f'expected "host" or "host:port", got {value!r}')
-        if ":" not in host and not _HOSTNAME.match(host):
-            raise ValueError(f'expected "host" or "host:port", got {value!r}')
-        return host, port_number
-    return parse
-
-
-def _str_list(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise ValueError(f"expected a list of strings, got {type(value).__name__}")
-    return tuple(_str(item) for item in value)
-
-
-def _regex(value: Any) -> re.Pattern[str]:
-    try:
-        return re.compile(_str(value), re.IGNORECASE)
-    except re.error as exc:
-        raise ValueError(f"is not a valid regular expression: {exc}") from None
-
-
-def _optional(parse: Callable[[Any], T]) -> Callable[[Any], T | None]:
-    return lambda value: None if value is None else parse(value)
-
-
-def _password(value: Any) -> m.Secret:
-    text = _str(value)
-    if not text.startswith("scrypt:"):
-        raise ValueError(
-            'plaintext passwords are refused: put the hash printed by "relay passwd" here'
-        )
-    return m.Secret(text)
-
-
 def _expand_env(value: Any, path: str, problems: _Problems) -> Any:
     """Replace ${VAR} in every string; a missing variable is a problem at its key path."""
     if isinstance(value, dict):
@@ -228,12 +116,12 @@ def _rules(node: _Node, name: str) -> tuple[m.Rule, ...]:
     rules = []
     for path, raw in node.items(name):
         rule_node = _Node(raw, path, node.problems)
-        pattern = rule_node.get("match", _regex, _MISSING)
-        action = rule_node.get("action", _choice("retry", "bounce", "suspend", "throttle"),
+        pattern = rule_node.get("match", v.regex, _MISSING)
+        action = rule_node.get("action", v.choice("retry", "bounce", "suspend", "throttle"),
                                _MISSING)
         duration = rule_node.get("for", parse_duration, None)
         rate = rule_node.get("rate", parse_rate, None)
-        max_connections = rule_node.get("max_connections", _int(1), None)
+        max_connections = rule_node.get("max_connections", v.integer(1), None)
         rule_node.finish()
         if action in ("suspend", "throttle") and duration is None:
             node.problems.add(f"{path}.for", f'is required for action "{action}" (like "30m")')
@@ -250,20 +138,20 @@ def _shaping(node: _Node, base: m.Shaping | None, delivery_tls: str) -> m.Shapin
         return getattr(base, name) if base is not None else fallback
 
     return m.Shaping(
-        max_connections=node.get("max_connections", _int(1), inherit("max_connections", 10)),
+        max_connections=node.get("max_connections", v.integer(1), inherit("max_connections", 10)),
         max_messages_per_connection=node.get(
-            "max_messages_per_connection", _int(1),
+            "max_messages_per_connection", v.integer(1),
             inherit("max_messages_per_connection", 100)),
         max_recipients_per_message=node.get(
-            "max_recipients_per_message", _int(1, 1000),
+            "max_recipients_per_message", v.integer(1, 1000),
             inherit("max_recipients_per_message", 100)),
-        rate=node.get("rate", _optional(parse_rate), inherit("rate", None)),
-        connection_rate=node.get("connection_rate", _optional(parse_rate),
+        rate=node.get("rate", v.optional(parse_rate), inherit("rate", None)),
+        connection_rate=node.get("connection_rate", v.optional(parse_rate),
                                  inherit("connection_rate", None)),
-        recipient_rate=node.get("recipient_rate", _optional(parse_rate),
+        recipient_rate=node.get("recipient_rate", v.optional(parse_rate),
                                 inherit("recipient_rate", None)),
-        route=node.get("route", _optional(_host_port(25)), inherit("route", None)),
-        tls=node.get("tls", _choice("opportunistic", "required", "disabled"),
+        route=node.get("route", v.optional(v.host_port(25)), inherit("route", None)),
+        tls=node.get("tls", v.choice("opportunistic", "required", "disabled"),
                      inherit("tls", delivery_tls)),
         rules=_rules(node, "rules"),
     )
@@ -275,7 +163,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     raw = _expand_env(raw, "", problems)
     root = _Node(raw, "", problems)
 
-    hostname = root.get("hostname", _hostname, None) or socket.getfqdn()
+    hostname = root.get("hostname", v.hostname, None) or socket.getfqdn()
 
     classes: dict[str, m.TrafficClass] = {}
     classes_node = root.child("classes")
@@ -283,18 +171,18 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     classes_node.used.update(str(k) for k in classes_node.data)
     for name, body in merged.items():
         cnode = _Node(body, classes_node.key(name), problems)
-        detect = cnode.get("detect", _str_list, ())
+        detect = cnode.get("detect", v.string_list, ())
         for item in detect:
             if item not in DETECTORS:
                 problems.add(cnode.key("detect"),
                              f"unknown detector {item!r}; expected {', '.join(DETECTORS)}")
         classes[name] = m.TrafficClass(
-            name, cnode.get("priority", _int(0, 1000), 1), cnode.get("rate", parse_rate, None),
+            name, cnode.get("priority", v.integer(0, 1000), 1), cnode.get("rate", parse_rate, None),
             detect)
         cnode.finish()
 
     def class_name(value: Any) -> str:
-        text = _str(value)
+        text = v.string(value)
         if text not in classes:
             raise ValueError(f"unknown class {text!r}; classes are {', '.join(classes)}")
         return text
@@ -305,14 +193,14 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     for path, body in listener_items:
         lnode = _Node(body, path, problems)
         listeners.append(m.Listener(
-            name=lnode.get("name", _str, path),
-            address=lnode.get("address", _ip, "0.0.0.0"),
-            port=lnode.get("port", _int(0, 65535), 587),
-            tls=lnode.get("tls", _choice("none", "starttls", "implicit"), "starttls"),
-            auth=lnode.get("auth", _choice("required", "none"), "required"),
+            name=lnode.get("name", v.string, path),
+            address=lnode.get("address", v.ip_address, "0.0.0.0"),
+            port=lnode.get("port", v.integer(0, 65535), 587),
+            tls=lnode.get("tls", v.choice("none", "starttls", "implicit"), "starttls"),
+            auth=lnode.get("auth", v.choice("required", "none"), "required"),
             class_name=lnode.get("class", class_name, "transactional"),
-            trusted_networks=lnode.get("trusted_networks",
-                                       lambda v: tuple(_network(x) for x in _str_list(v)), ()),
+            trusted_networks=lnode.get(
+                "trusted_networks", lambda raw: tuple(map(v.network, v.string_list(raw))), ()),
         ))
         lnode.finish()
     if not listeners:
@@ -320,39 +208,39 @@ def parse_config(raw: object, source: str = "") -> m.Config:
 
     tnode = root.child("tls")
     tls = m.TlsConfig(
-        cert=tnode.get("cert", _str, "/etc/relay/tls/fullchain.pem"),
-        key=tnode.get("key", _str, "/etc/relay/tls/privkey.pem"),
-        self_signed=tnode.get("self_signed", _bool, False),
-        allow_plain_auth=tnode.get("allow_plain_auth", _bool, False),
+        cert=tnode.get("cert", v.string, "/etc/relay/tls/fullchain.pem"),
+        key=tnode.get("key", v.string, "/etc/relay/tls/privkey.pem"),
+        self_signed=tnode.get("self_signed", v.boolean, False),
+        allow_plain_auth=tnode.get("allow_plain_auth", v.boolean, False),
     )
     tnode.finish()
 
     lim = root.child("limits")
     limits = m.Limits(
         max_message_size=lim.get("max_message_size", parse_size, 25 * 1024 * 1024),
-        max_recipients=lim.get("max_recipients", _int(1), 1000),
-        max_connections=lim.get("max_connections", _int(1), 1000),
-        max_connections_per_ip=lim.get("max_connections_per_ip", _int(1), 50),
+        max_recipients=lim.get("max_recipients", v.integer(1), 1000),
+        max_connections=lim.get("max_connections", v.integer(1), 1000),
+        max_connections_per_ip=lim.get("max_connections_per_ip", v.integer(1), 50),
         idle_timeout=lim.get("idle_timeout", parse_duration, 300.0),
     )
     lim.finish()
 
     snode = root.child("spool")
-    spool_path = snode.get("path", _str, "/var/spool/relay")
+    spool_path = snode.get("path", v.string, "/var/spool/relay")
     snode.finish()
 
     anode = root.child("admin")
     admin = m.Admin(
-        address=anode.get("address", _ip, "127.0.0.1"),
-        port=anode.get("port", _int(0, 65535), 9025),
-        token=anode.get("token", lambda v: m.Secret(v) if v else None, None),
+        address=anode.get("address", v.ip_address, "127.0.0.1"),
+        port=anode.get("port", v.integer(0, 65535), 9025),
+        token=anode.get("token", lambda raw: m.Secret(raw) if raw else None, None),
     )
     anode.finish()
 
     dnode = root.child("dns")
     dns = m.Dns(
-        nameservers=dnode.get("nameservers", lambda v: tuple(
-            _host_port(53)(x) for x in _str_list(v)), ()),
+        nameservers=dnode.get("nameservers", lambda raw: tuple(
+            v.host_port(53)(x) for x in v.string_list(raw)), ()),
         timeout=dnode.get("timeout", parse_duration, 5.0),
     )
     dnode.finish()
@@ -360,23 +248,23 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     accounts: list[m.Account] = []
     for path, body in root.items("accounts"):
         acnode = _Node(body, path, problems)
-        name = acnode.get("name", _str, _MISSING)
+        name = acnode.get("name", v.string, _MISSING)
         if name and any(a.name == name for a in accounts):
             problems.add(acnode.key("name"), f"account {name!r} is defined twice")
         accounts.append(m.Account(
             name=name,
-            password=acnode.get("password", _password, _MISSING),
-            senders=acnode.get("senders", _str_list, _MISSING),
+            password=acnode.get("password", v.password, _MISSING),
+            senders=acnode.get("senders", v.string_list, _MISSING),
             class_name=acnode.get("class", class_name, None),
-            rate=acnode.get("rate", _optional(parse_rate), None),
+            rate=acnode.get("rate", v.optional(parse_rate), None),
         ))
         acnode.finish()
 
     dlv = root.child("delivery")
     delivery = m.Delivery(
-        port=dlv.get("port", _int(1, 65535), 25),
-        source_address=dlv.get("source_address", _optional(_ip), None),
-        tls=dlv.get("tls", _choice("opportunistic", "required", "disabled"), "opportunistic"),
+        port=dlv.get("port", v.integer(1, 65535), 25),
+        source_address=dlv.get("source_address", v.optional(v.ip_address), None),
+        tls=dlv.get("tls", v.choice("opportunistic", "required", "disabled"), "opportunistic"),
         connect_timeout=dlv.get("connect_timeout", parse_duration, 30.0),
         command_timeout=dlv.get("command_timeout", parse_duration, 300.0),
         idle_connection_timeout=dlv.get("idle_connection_timeout", parse_duration, 30.0),
@@ -388,7 +276,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         initial=rnode.get("initial", parse_duration, 300.0),
         max=rnode.get("max", parse_duration, 3600.0),
         lifetime=rnode.get("lifetime", parse_duration, 5 * 86400.0),
-        warn_after=rnode.get("warn_after", _optional(parse_duration), None),
+        warn_after=rnode.get("warn_after", v.optional(parse_duration), None),
     )
     rnode.finish()
     if retry.max < retry.initial:
@@ -406,8 +294,8 @@ def parse_config(raw: object, source: str = "") -> m.Config:
             problems.add(pnode.key(name), '"default" is reserved for destinations without a '
                          "provider; tune them under defaults")
         prov = _Node(body, pnode.key(str(name)), problems)
-        domains = prov.get("domains", _str_list, ())
-        mx = prov.get("mx", _str_list, ())
+        domains = prov.get("domains", v.string_list, ())
+        mx = prov.get("mx", v.string_list, ())
         shaping = _shaping(prov, defaults, delivery.tls)
         prov.finish()
         if not domains and not mx and shaping.route is None:
@@ -420,7 +308,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     cluster = None
     if root.has("cluster"):
         cnode = root.child("cluster")
-        redis_url = cnode.get("redis", _str, _MISSING)
+        redis_url = cnode.get("redis", v.string, _MISSING)
         cnode.finish()
         if redis_url:
             cluster = m.Cluster(m.Secret(redis_url))
