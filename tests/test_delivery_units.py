@@ -12,6 +12,7 @@ import pytest
 from relay.bounces import Failure, build_dsn
 from relay.config.model import Dns, Rule
 from relay.delivery.classify import classify
+from relay.delivery.client import wire_body
 from relay.dns import Resolver
 from relay.errors import DnsPermanentError, DnsTemporaryError
 from relay.reply import Reply, Verdict
@@ -120,3 +121,13 @@ def test_shipped_presets_match_the_real_replies(reply, action):
                for rule in provider.shaping.rules + config.rules
                if rule.pattern.search(str(parsed))]
     assert matches and matches[0] == action
+
+
+@pytest.mark.parametrize(("stored", "sent"), [
+    (b"Subject: x\r\n\r\nbody\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n"),
+    (b".first\r\n.\r\n..\r\nend\r\n", b"..first\r\n..\r\n...\r\nend\r\n.\r\n"),
+    (b"no final newline", b"no final newline\r\n.\r\n"),
+    (b"", b".\r\n"),
+])
+def test_wire_body_dot_stuffs_and_terminates(stored, sent):
+    assert wire_body(stored) == sent

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from relay.config.model import Account, Config, Listener
 from relay.dns.resolver import Resolver
 from relay.errors import DnsTemporaryError, SpoolError
+from relay.listener.fastdir import dispatch_names
 from relay.listener.headers import detect, field_names, header_block, trace_headers
 from relay.listener.policy import ConnectionGate, Policy
 from relay.metrics import Metrics
@@ -40,6 +41,9 @@ class SubmissionHandler:
         self.metrics = metrics
         self.resolver = resolver      # replaced on reload
         self.sessions: set[Submission] = set()
+
+    def __dir__(self) -> list[str]:
+        return dispatch_names(type(self))
 
     async def handle_EHLO(self, server: Submission, session: Any, envelope: Any,
                           hostname: str, responses: list[str]) -> list[str]:

@@ -18,6 +18,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relay.listener.address import PathError, decode_xtext, parse_params, split_path, valid_mailbox
 from relay.listener.data import read_data
+from relay.listener.fastdir import dispatch_names
 from relay.listener.handler import SubmissionHandler
 from relay.spool.records import EnvelopeRecipient
 
@@ -37,6 +38,9 @@ class Submission(SMTP):
         self._admitted = False
         self.recipients: list[EnvelopeRecipient] = []
         self.mail_params: dict[str, str] = {}
+
+    def __dir__(self) -> list[str]:
+        return dispatch_names(type(self))
 
     # Connection lifecycle
 

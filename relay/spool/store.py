@@ -113,6 +113,24 @@ def _append_durably(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+def _unlink_message(path: str) -> int | None:
+    """Remove a message and its companions; its size, or None if it was gone already.
+
+    Run in a thread: unlinking a file just written can wait on the filesystem journal.
+    """
+    try:
+        size: int | None = os.stat(path).st_size
+        os.unlink(path)
+    except FileNotFoundError:
+        size = None
+    for victim in (path + _STATE_SUFFIX, path + _HOLD_SUFFIX):
+        try:
+            os.unlink(victim)
+        except FileNotFoundError:
+            pass
+    return size
+
+
 class Spool:
     """Files under `path`/messages/XX/, XX the last two characters of the id."""
 
@@ -193,18 +211,10 @@ class Spool:
     async def remove(self, message_id: str) -> None:
         """Forget a message whose every recipient is final (message first, then its log)."""
         path = self.message_path(message_id)
-        try:
-            size = os.stat(path).st_size
-            os.unlink(path)
+        size = await asyncio.to_thread(_unlink_message, path)
+        if size is not None:
             self.messages -= 1
             self.bytes -= size
-        except FileNotFoundError:
-            pass
-        for victim in (path + _STATE_SUFFIX, path + _HOLD_SUFFIX):
-            try:
-                os.unlink(victim)
-            except FileNotFoundError:
-                pass
         await self._dirsync.sync(self._dir(message_id))
 
     async def set_held(self, message_id: str, held: bool) -> None:
