@@ -1,7 +1,9 @@
 """Wires the parts together and owns their tasks: startup → serve → shutdown.
 
 listener → spool → scheduler/router → dispatcher/lanes → outcomes (→ DSNs → spool),
-with the admin listener (metrics, API) beside them.
+with the admin listener (metrics, API) beside them. The listener runs in a process of
+its own (relay.listener.supervisor) and reports each message it has made durable; the
+rest runs here.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 import time
 from typing import Any
 
@@ -24,7 +25,7 @@ from relay.delivery.dispatcher import Dispatcher
 from relay.delivery.outcomes import Outcomes
 from relay.dns.resolver import Resolver
 from relay.errors import ConfigError, RelayError
-from relay.listener.server import Listeners
+from relay.listener.supervisor import ListenerProcess
 from relay.metrics import Metrics, StateCollector
 from relay.routing.models import QueuedMessage, Recipient
 from relay.routing.registry import Registry
@@ -34,7 +35,7 @@ from relay.routing.stats import QueueStats
 from relay.shaping.suspensions import Suspensions
 from relay.spool.records import Envelope, RecipientStatus
 from relay.spool.store import Recovered, Spool
-from relay.tls import server_context
+from relay.tls import listener_context
 
 log = logging.getLogger("relay")
 
@@ -59,7 +60,8 @@ class Relay:
             self._requeue, self.stats, self.metrics))
         self.scheduler = Scheduler(self.router, self.dispatcher.enqueue, self.registry,
                                    self.stats)
-        self.listeners: Listeners | None = None
+        self.listeners: ListenerProcess | None = None
+        self._recoveries: set[asyncio.Task[None]] = set()
         self.admin: web.AppRunner | None = None
         self.metrics.watch(StateCollector(
             self.stats, lambda: list(self.dispatcher.lanes.values()),
@@ -76,17 +78,33 @@ class Relay:
         offset = await self.spool.store(envelope, data)
         self.scheduler.submit(QueuedMessage(envelope, offset))
 
-    def _tls(self, config: Config) -> ssl.SSLContext | None:
-        if any(listener.tls != "none" for listener in config.listeners):
-            return server_context(config.tls, config.spool_path, config.hostname)
-        return None
+    # what the listener process reports (ListenerEvents)
+
+    def accepted(self, envelope: Envelope, body_offset: int) -> None:
+        self.metrics.received.labels(envelope.account, envelope.class_name).inc()
+        self.spool.note_stored(body_offset + envelope.size)
+        self.scheduler.submit(QueuedMessage(envelope, body_offset))
+
+    def rejected(self, reason: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
 
     # startup
 
-    async def recover(self) -> tuple[int, int]:
+    async def recover(self, stale_before: float) -> tuple[int, int]:
+        """Queue what the spool holds and nobody has queued yet.
+
+        Runs while the listener process takes new mail (reported ones are in the
+        registry already) and while due mail is delivered: it yields to the event loop
+        every few hundred messages.
+        """
         messages = recipients = 0
-        for recovered in self.spool.recover():
+        for count, recovered in enumerate(self.spool.recover(stale_before), 1):
+            if count % 256 == 0:
+                await asyncio.sleep(0)
+            if self.registry.get(recovered.envelope.id) is not None:
+                continue
             message = _restore(recovered)
+            self.spool.note_stored(recovered.size)
             if message.done:
                 await self.spool.remove(message.id)
                 continue
@@ -95,33 +113,49 @@ class Relay:
             self.scheduler.submit(message)
         return messages, recipients
 
+    def _recover_in_background(self, stale_before: float, what: str) -> None:
+        async def run() -> None:
+            started = time.monotonic()
+            messages, recipients = await self.recover(stale_before)
+            log.info("spool %s: %s %d messages, %d recipients to deliver (%.1fs)",
+                     self.spool.path, what, messages, recipients, time.monotonic() - started)
+
+        task = asyncio.create_task(run(), name="recovery")
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
+
+    def _listener_lost(self, when: float) -> None:
+        """A listener process died: adopt what it stored but could not report."""
+        self._recover_in_background(when, "adopted from the lost listener process")
+
     async def start(self) -> None:
-        """Everything that can fail with a clear message fails here, before serving."""
+        """Everything that can fail with a clear message fails here, before serving.
+
+        The listener process starts before the spool is read: with a million queued
+        recipients it takes mail at once, while recovery queues the old mail.
+        """
+        started = time.time()
         self.spool.open()
-        tls_context = self._tls(self.config)
-        started = time.monotonic()
+        listener_context(self.config)   # a bad certificate stops the start here
         for key, suspension in self.suspensions.load().items():
             log.info("lane %s stays suspended for %.0fs: %s", key,
                      suspension.until - time.time(), suspension.reason)
             destination = self.router.destination_for_key(key)
             if destination is not None:   # created now: paused before any mail routes
                 self.dispatcher.lane(destination)
-        messages, recipients = await self.recover()
-        log.info("spool %s: recovered %d messages, %d recipients to deliver (%.1fs)",
-                 self.spool.path, messages, recipients, time.monotonic() - started)
-        self.listeners = Listeners(self.config, self.spool, tls_context, self.scheduler.submit,
-                                   self.metrics, self.resolver)
-        await self.listeners.start()
-        self.admin = await start_admin(self)
+        self.admin = await start_admin(self)   # up first: /readyz says what is missing
         log.info("admin API and metrics on http://%s:%d/", self.config.admin.address,
                  self.config.admin.port)
+        self.listeners = ListenerProcess(self.config, self, self._listener_lost)
+        self._recover_in_background(started, "recovered")
+        await self.listeners.start()
 
     def readiness_problems(self) -> list[str]:
         problems = []
-        if self.listeners is None or not all(s.is_serving() for s in self.listeners.servers):
-            problems.append("listeners are not serving")
-        if self.listeners is not None and self.listeners.gate.draining:
+        if self.listeners is not None and self.listeners.draining:
             problems.append("shutting down")
+        elif self.listeners is None or not self.listeners.serving:
+            problems.append("listeners are not serving")
         probe = os.path.join(self.spool.path, f".tmp-ready-{os.getpid()}")
         try:
             with open(probe, "wb") as handle:
@@ -138,7 +172,7 @@ class Relay:
         path = self.config.source
         try:
             config = await asyncio.to_thread(load_config, path)
-            tls_context = self._tls(config)
+            listener_context(config)
         except ConfigError as exc:
             return self._reload_failed(exc.problems)
         except RelayError as exc:
@@ -161,7 +195,7 @@ class Relay:
                 log.warning("provider %s is gone from the config; its queued mail drains "
                             "under its old limits", lane.destination.provider)
         if self.listeners is not None:
-            self.listeners.reconfigure(config, tls_context, self.resolver)
+            self.listeners.reconfigure(config)
         self.metrics.reload_success.set(1)
         log.info("configuration reloaded from %s", path)
         return []
@@ -179,7 +213,7 @@ class Relay:
         log.info("shutting down: new sessions refused, in-flight work gets %.0fs", grace)
         deadline = time.monotonic() + grace
         if self.listeners is not None:
-            self.listeners.drain()
+            self.listeners.drain(grace)
         self.dispatcher.drain()
         idle = [self.dispatcher.wait_idle()]
         if self.listeners is not None:
@@ -194,6 +228,8 @@ class Relay:
         hurry.cancel()
         if self.listeners is not None:
             await self.listeners.close()
+        for task in self._recoveries:
+            task.cancel()
         await self.dispatcher.stop()
         if self.admin is not None:
             await self.admin.cleanup()
@@ -201,9 +237,9 @@ class Relay:
 
     async def run(self, stop: asyncio.Event, urgent: asyncio.Event | None = None,
                   grace: float = DEFAULT_GRACE) -> None:
-        await self.start()
         scheduler = asyncio.create_task(self.scheduler.run(), name="scheduler")
         try:
+            await self.start()
             await stop.wait()
             await self.stop(grace, urgent or asyncio.Event())
         finally:

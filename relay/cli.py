@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from relay import __version__, logs
+from relay import __version__, eventloop, logs
 from relay.config import load_config
 from relay.config.model import Config
 from relay.errors import ConfigError, RelayError
@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await relay.run(stop, urgent, grace=args.grace)
 
     try:
-        asyncio.run(main())
+        eventloop.run(main())
     except (RelayError, OSError) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1

@@ -22,7 +22,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+_current = ("text", "INFO")
+
+
+def current() -> tuple[str, str]:
+    """The format and level `setup` was given: the listener process logs the same way."""
+    return _current
+
+
 def setup(fmt: str = "text", level: str = "INFO") -> None:
+    global _current
+    _current = (fmt, level)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

@@ -7,7 +7,7 @@ import logging
 import os
 import ssl
 
-from relay.config.model import TlsConfig
+from relay.config.model import Config, TlsConfig
 from relay.errors import RelayError
 
 log = logging.getLogger("relay.tls")
@@ -84,3 +84,10 @@ def _make_self_signed(cert_path: str, key_path: str, hostname: str) -> None:
                                        serialization.NoEncryption()))
     with open(cert_path, "wb") as handle:
         handle.write(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def listener_context(config: Config) -> ssl.SSLContext | None:
+    """The certificate context the listeners share, or None when none uses TLS."""
+    if any(listener.tls != "none" for listener in config.listeners):
+        return server_context(config.tls, config.spool_path, config.hostname)
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from relay.spool import Envelope, EnvelopeRecipient, RecipientStatus, Spool, StateRecord
 
@@ -26,11 +27,11 @@ def test_store_record_recover_remove(tmp_path):
         assert spool.read_message(env.id, offset) == body
         await spool.record(env.id, [StateRecord((0,), RecipientStatus.DELIVERED, 1, 0, "250 ok"),
                                     StateRecord((1, 2), RecipientStatus.DEFERRED, 1, 99.0, "451")])
-        [recovered] = list(spool.recover())
+        [recovered] = list(spool.recover(stale_before=time.time()))
         assert recovered.envelope == env
         assert [r.indices for r in recovered.records] == [(0,), (1, 2)]
         await spool.remove(env.id)
-        assert list(spool.recover()) == []
+        assert list(spool.recover(stale_before=time.time())) == []
 
     asyncio.run(go())
 
@@ -50,7 +51,7 @@ def test_torn_state_line_is_ignored(tmp_path):
         await spool.record(env.id, [StateRecord((0,), RecipientStatus.DELIVERED, 1, 0, "ok")])
         torn = spool.message_path(env.id) + ".st"
         await asyncio.to_thread(_append, torn, b'[[1],1,1,0,"par')   # crash mid-append
-        [recovered] = list(spool.recover())
+        [recovered] = list(spool.recover(stale_before=time.time()))
         assert [r.indices for r in recovered.records] == [(0,)]
 
     asyncio.run(go())
@@ -71,7 +72,7 @@ def test_damaged_entries_are_quarantined_and_temp_files_dropped(tmp_path):
     directory = os.path.dirname(spool.message_path(good.id))
     with open(os.path.join(directory, ".tmp-unfinished"), "wb") as handle:
         handle.write(b"half a message")
-    recovered = list(spool.recover())
+    recovered = list(spool.recover(stale_before=time.time()))
     assert [r.envelope.id for r in recovered] == [good.id]
     assert os.listdir(spool.quarantine_dir) == [bad.id]
     assert not os.path.exists(os.path.join(directory, ".tmp-unfinished"))

@@ -178,8 +178,8 @@ class QueueService:
         message.deleted = True
         self._relay.stats.move(message, [r for r in message.recipients
                                          if r.where is not Where.FLIGHT], Where.NOWHERE)
-        self._relay.registry.remove(message_id)
         await self._relay.spool.remove(message_id)
+        self._relay.registry.remove(message_id)
         log.info("id=%s deleted by the administrator", message_id)
 
     async def bounce(self, message_id: str) -> int:

@@ -127,8 +127,9 @@ class Outcomes:
                 if notices is failures:
                     deferred += self._keep(message, failures, now)
         if message.done:
-            self._registry.remove(envelope.id)
+            # File first: a recovery scan running meanwhile skips what is registered.
             await self._spool.remove(envelope.id)
+            self._registry.remove(envelope.id)
         else:
             try:
                 await self._spool.record(envelope.id, _records(attempts))

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.config.model import Account, Config, Listener
 from relay.dns.resolver import Resolver
@@ -16,8 +15,6 @@ from relay.errors import DnsTemporaryError, SpoolError
 from relay.listener.fastdir import dispatch_names
 from relay.listener.headers import detect, field_names, header_block, trace_headers
 from relay.listener.policy import ConnectionGate, Policy
-from relay.metrics import Metrics
-from relay.routing.models import QueuedMessage
 from relay.spool.records import Envelope
 from relay.spool.store import Spool
 
@@ -27,18 +24,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.listener")
 
 
+class ListenerEvents(Protocol):
+    """Where the listener reports: the process that queues mail and keeps the metrics."""
+
+    def accepted(self, envelope: Envelope, body_offset: int) -> None:
+        """The message is durable; called before the client hears 250."""
+
+    def rejected(self, reason: str) -> None:
+        """One refusal, by relay_messages_rejected_total's reason label."""
+
+
 class SubmissionHandler:
     def __init__(self, config: Config, listener: Listener, policy: Policy,
                  gate: ConnectionGate, spool: Spool,
-                 on_accepted: Callable[[QueuedMessage], None], metrics: Metrics,
+                 events: ListenerEvents,
                  resolver: Resolver) -> None:
         self.config = config          # both replaced on reload
         self.listener = listener
         self.policy = policy
         self.gate = gate
         self.spool = spool
-        self.on_accepted = on_accepted
-        self.metrics = metrics
+        self.events = events
         self.resolver = resolver      # replaced on reload
         self.sessions: set[Submission] = set()
 
@@ -106,7 +112,7 @@ class SubmissionHandler:
         return None
 
     def note_rejected(self, reason: str) -> None:
-        self.metrics.rejected.labels(reason).inc()
+        self.events.rejected(reason)
 
     def _class_for(self, account: Account | None, headers: bytes, names: set[str]) -> str:
         name = (account.class_name if account and account.class_name
@@ -146,9 +152,8 @@ class SubmissionHandler:
             self.note_rejected("storage")
             log.error("id=%s not accepted: %s", message_id, exc)
             return "452 4.3.1 Insufficient system storage"
-        self.metrics.received.labels(envelope.account, envelope.class_name).inc()
         log.info("id=%s from=<%s> account=%s class=%s size=%d nrcpt=%d client=[%s]",
                  message_id, envelope.sender, envelope.account, envelope.class_name,
                  envelope.size, len(envelope.recipients), server.peer_ip)
-        self.on_accepted(QueuedMessage(envelope, offset))
+        self.events.accepted(envelope, offset)
         return f"250 2.0.0 Ok: queued as {message_id}"

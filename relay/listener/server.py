@@ -1,27 +1,57 @@
 """The configured listeners, in our own event loop (not aiosmtpd's threaded Controller).
 
 Owns the listening sockets and the sessions' shared state: reload hands every handler
-the new config; drain turns new sessions away with 421 and closes the idle ones.
+the new config; drain turns new sessions away with 421 and closes the idle ones. The
+sockets are bound by `bind_sockets` in the main process, so that a busy port fails the
+start with a clear message, and served here in the listener process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
-from collections.abc import Callable
 
 from relay.config.model import Config, Listener
 from relay.dns.resolver import Resolver
-from relay.listener.handler import SubmissionHandler
+from relay.errors import RelayError
+from relay.listener.handler import ListenerEvents, SubmissionHandler
 from relay.listener.policy import ConnectionGate, Policy
 from relay.listener.session import Submission
-from relay.metrics import Metrics
-from relay.routing.models import QueuedMessage
 from relay.spool.store import Spool
 from relay.tls import certificate_files, load_into
 
 log = logging.getLogger("relay.listener")
+
+
+def bind_sockets(config: Config) -> dict[str, list[socket.socket]]:
+    """Listening sockets for every listener (all addresses its host name has).
+
+    Raises RelayError naming the listener when an address cannot be bound.
+    """
+    bound: dict[str, list[socket.socket]] = {}
+    try:
+        for listener in config.listeners:
+            bound[listener.name] = []
+            infos = socket.getaddrinfo(listener.address or None, listener.port,
+                                       type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                bound[listener.name].append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(1024)
+                sock.setblocking(False)
+    except OSError as exc:
+        for sockets in bound.values():
+            for sock in sockets:
+                sock.close()
+        raise RelayError(f"listener {listener.name}: cannot listen on "
+                         f"{listener.address}:{listener.port}: {exc.strerror or exc}") from exc
+    return bound
 
 
 def _socket_key(listener: Listener) -> tuple[str, int, str]:
@@ -30,8 +60,7 @@ def _socket_key(listener: Listener) -> tuple[str, int, str]:
 
 class Listeners:
     def __init__(self, config: Config, spool: Spool, tls_context: ssl.SSLContext | None,
-                 on_accepted: Callable[[QueuedMessage], None], metrics: Metrics,
-                 resolver: Resolver) -> None:
+                 events: ListenerEvents, resolver: Resolver) -> None:
         self.resolver = resolver
         self.config = config
         self.tls_context = tls_context       # read at each new connection: reload swaps it
@@ -39,23 +68,22 @@ class Listeners:
         self.gate = ConnectionGate(config.limits.max_connections,
                                    config.limits.max_connections_per_ip)
         self._spool = spool
-        self._on_accepted = on_accepted
-        self._metrics = metrics
+        self._events = events
         self.handlers: list[SubmissionHandler] = []
         self.servers: list[asyncio.Server] = []
 
-    async def start(self) -> None:
+    async def start(self, sockets: dict[str, list[socket.socket]]) -> None:
+        """Serve the sockets `bind_sockets` made, by listener name."""
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
             handler = SubmissionHandler(self.config, listener, self.policy, self.gate,
-                                        self._spool, self._on_accepted, self._metrics,
-                                        self.resolver)
+                                        self._spool, self._events, self.resolver)
             self.handlers.append(handler)
             implicit = listener.tls == "implicit"
-            self.servers.append(await loop.create_server(
-                lambda handler=handler: self._session(handler), host=listener.address,
-                port=listener.port, ssl=self.tls_context if implicit else None,
-                reuse_address=True))
+            for sock in sockets[listener.name]:
+                self.servers.append(await loop.create_server(
+                    lambda handler=handler: self._session(handler), sock=sock,
+                    ssl=self.tls_context if implicit else None))
             log.info("listening on %s:%d (%s, tls=%s, auth=%s)", listener.address,
                      listener.port, listener.name, listener.tls, listener.auth)
 

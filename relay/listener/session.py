@@ -12,7 +12,7 @@ import asyncio
 import binascii
 import logging
 from base64 import b64decode
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
@@ -49,20 +49,24 @@ class Submission(SMTP):
             peer = transport.get_extra_info("peername") or ("", 0)
             self.peer_ip = str(peer[0])
             if self.handler.gate.draining:
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
-                transport.close()
+                self._refuse(transport, b"421 4.3.2 Service shutting down, try again later")
                 return
             if not self.handler.gate.admit(self.peer_ip):
                 log.warning("refused connection from %s: too many connections", self.peer_ip)
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
-                transport.close()
+                self._refuse(transport, b"421 4.7.0 Too many connections, try again later")
                 return
             self._admitted = True
             self.handler.sessions.add(self)
             self.trusted = self.handler.policy.trusted(self.handler.listener, self.peer_ip)
         super().connection_made(transport)
+
+    @staticmethod
+    def _refuse(transport: asyncio.BaseTransport, reply: bytes) -> None:
+        """Say why and hang up. (uvloop's transports do not derive from asyncio's
+        WriteTransport classes, hence the cast rather than an isinstance check.)"""
+        writer = cast(asyncio.WriteTransport, transport)
+        writer.write(reply + b"\r\n")
+        writer.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._admitted:
@@ -79,9 +83,7 @@ class Submission(SMTP):
     def close_for_shutdown(self) -> None:
         """Between transactions: say goodbye now. In one: after its reply (see DATA)."""
         if self.transport is not None and not self.in_transaction:
-            assert isinstance(self.transport, asyncio.WriteTransport)
-            self.transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
-            self.transport.close()
+            self._refuse(self.transport, b"421 4.3.2 Service shutting down, try again later")
 
     def _set_rset_state(self) -> None:
         super()._set_rset_state()  # type: ignore[no-untyped-call]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from relay.errors import SpoolCorrupt
 
@@ -59,9 +59,13 @@ class Envelope:
     smtputf8: bool = False
 
     def encode(self) -> bytes:
-        data = asdict(self)
-        data["recipients"] = [
-            [r.address, r.notify, r.orcpt] for r in self.recipients]
+        data = {
+            "id": self.id, "sender": self.sender,
+            "recipients": [[r.address, r.notify, r.orcpt] for r in self.recipients],
+            "received_at": self.received_at, "size": self.size,
+            "class_name": self.class_name, "account": self.account, "envid": self.envid,
+            "ret": self.ret, "smtputf8": self.smtputf8,
+        }   # every field, by name: decode() passes them back to the constructor
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod

@@ -11,10 +11,11 @@ one journal commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
-import secrets
+import random
 import shutil
 import time
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ class Recovered:
     body_offset: int
     records: list[StateRecord]
     held: bool = False
+    size: int = 0
 
 
 class _GroupSync:
@@ -134,8 +136,10 @@ def _unlink_message(path: str) -> int | None:
 class Spool:
     """Files under `path`/messages/XX/, XX the last two characters of the id."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, writer: int = 0) -> None:
+        """`writer` 0 is the main process, 1 the listener process: their ids never meet."""
         self.path = os.path.abspath(path)
+        self._writer = writer
         self.messages_dir = os.path.join(self.path, _MESSAGES)
         self.quarantine_dir = os.path.join(self.path, _QUARANTINE)
         self._dirsync = _GroupSync()
@@ -160,13 +164,13 @@ class Spool:
 
     def new_id(self) -> str:
         """Sortable by arrival, unique across restarts: time, counter, randomness."""
-        self._counter = (self._counter + 1) % 1024
-        stamp = int(time.time() * 1000) * 1024 + self._counter
+        self._counter = (self._counter + 1) % 512
+        stamp = int(time.time() * 1000) * 1024 + self._writer * 512 + self._counter
         text = ""
         while stamp:
             stamp, digit = divmod(stamp, len(_ID_ALPHABET))
             text = _ID_ALPHABET[digit] + text
-        suffix = "".join(secrets.choice(_ID_ALPHABET) for _ in range(4))
+        suffix = "".join(random.choices(_ID_ALPHABET, k=4))   # unique, not secret
         return text + suffix
 
     def _dir(self, message_id: str) -> str:
@@ -243,8 +247,17 @@ class Spool:
     async def load_message(self, message_id: str, body_offset: int) -> bytes:
         return await asyncio.to_thread(self.read_message, message_id, body_offset)
 
-    def recover(self) -> Iterator[Recovered]:
-        """Every message still on disk with its progress; corrupt entries are quarantined."""
+    def note_stored(self, size: int) -> None:
+        """Count a message another process stored, or one found at recovery."""
+        self.messages += 1
+        self.bytes += size
+
+    def recover(self, stale_before: float) -> Iterator[Recovered]:
+        """Every message on disk with its progress; corrupt entries are quarantined.
+
+        The listener process may be writing while this runs: only temporary files
+        older than `stale_before` (a time.time()) are abandoned writes to delete.
+        """
         if not os.path.isdir(self.messages_dir):
             return
         for bucket in sorted(os.listdir(self.messages_dir)):
@@ -255,7 +268,9 @@ class Spool:
             for name in sorted(names):
                 path = os.path.join(directory, name)
                 if name.startswith(_TMP_PREFIX):
-                    os.unlink(path)  # never acknowledged: the client got no 250
+                    with contextlib.suppress(FileNotFoundError):
+                        if os.stat(path).st_mtime < stale_before:
+                            os.unlink(path)  # never acknowledged: the client got no 250
                     continue
                 suffix = next((s for s in (_STATE_SUFFIX, _HOLD_SUFFIX) if name.endswith(s)), "")
                 if suffix:
@@ -264,6 +279,8 @@ class Spool:
                     continue
                 try:
                     yield self._load(path, names)
+                except FileNotFoundError:
+                    continue  # delivered and removed since the directory was listed
                 except SpoolCorrupt as exc:
                     self.quarantine(name, str(exc), path)
                 except OSError as exc:
@@ -283,15 +300,13 @@ class Spool:
             size = os.fstat(handle.fileno()).st_size
         if size != offset + envelope.size:
             raise SpoolCorrupt(f"body is {size - offset} bytes, envelope says {envelope.size}")
-        self.messages += 1
-        self.bytes += size
         records: list[StateRecord] = []
         state_name = os.path.basename(path) + _STATE_SUFFIX
         if state_name in names:
             with open(path + _STATE_SUFFIX, "rb") as handle:
                 records = StateRecord.decode_log(handle.read())
         held = os.path.basename(path) + _HOLD_SUFFIX in names
-        return Recovered(envelope, offset, records, held)
+        return Recovered(envelope, offset, records, held, size)
 
     def quarantine(self, message_id: str, reason: str, path: str | None = None) -> None:
         """Move a damaged entry aside: never delivered, never blocking startup."""

@@ -1,0 +1,134 @@
+"""The listener process as the main process sees it: start, reload, drain, restart.
+
+SMTP sessions and spool writes run in a process of their own (relay.listener.worker),
+so that taking mail in and delivering it use both cores of a small machine instead of
+sharing one event loop. This process keeps the listening sockets (bound here, so a
+busy port fails the start with a clear message, and kept open across a restart of the
+listener process: clients wait in the backlog) and receives each accepted message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from relay import logs
+from relay.config.model import Config
+from relay.errors import RelayError
+from relay.listener import ipc
+from relay.listener.handler import ListenerEvents
+from relay.listener.server import bind_sockets
+
+log = logging.getLogger("relay.listener")
+
+RESTART_DELAY = 1.0
+START_TIMEOUT = 60.0
+
+
+class ListenerProcess:
+    def __init__(self, config: Config, events: ListenerEvents,
+                 on_lost: Callable[[float], None]) -> None:
+        """`on_lost(when)`: the process died; messages it stored may not have been reported."""
+        self.config = config
+        self._events = events
+        self._on_lost = on_lost
+        self._sockets = bind_sockets(config)
+        self._writer: asyncio.StreamWriter | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.draining = False
+
+    @property
+    def serving(self) -> bool:
+        return self._ready.is_set() and not self.draining
+
+    async def start(self) -> None:
+        """Until the first listener process serves; RelayError if it cannot."""
+        self._task = asyncio.create_task(self._supervise(), name="listener-process")
+        ready = asyncio.ensure_future(self._ready.wait())
+        await asyncio.wait([ready, self._task], timeout=START_TIMEOUT,
+                           return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if not self._ready.is_set():
+            if self._task.done():
+                self._task.result()   # raises its error
+            raise RelayError(f"the listener process did not start within {START_TIMEOUT:.0f}s")
+
+    def reconfigure(self, config: Config) -> None:
+        self.config = config
+        if self._writer is not None:
+            self._writer.write(ipc.frame("config", config))
+
+    def drain(self, grace: float) -> None:
+        """421 to new sessions; the process exits once the open ones end, or at `grace`."""
+        self.draining = True
+        if self._writer is not None:
+            self._writer.write(ipc.frame("drain", grace))
+
+    async def wait_idle(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def close(self) -> None:
+        self.draining = True
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        for sockets in self._sockets.values():
+            for sock in sockets:
+                sock.close()
+
+    async def _supervise(self) -> None:
+        first = True
+        while True:
+            process, reader = await self._spawn()
+            while (message := await ipc.receive(reader)) is not None:
+                self._dispatch(message)
+            served = self._ready.is_set()
+            self._ready.clear()
+            self._writer = None
+            await process.wait()
+            if self.draining:
+                return
+            if first and not served:
+                raise RelayError(f"the listener process exited at start (status "
+                                 f"{process.returncode}); see the log above")
+            first = False
+            log.error("the listener process exited (status %s); starting another",
+                      process.returncode)
+            self._on_lost(time.time())
+            await asyncio.sleep(RESTART_DELAY)
+
+    def _dispatch(self, message: tuple[object, ...]) -> None:
+        kind = message[0]
+        if kind == "accepted":
+            self._events.accepted(message[1], message[2])  # type: ignore[arg-type]
+        elif kind == "rejected":
+            self._events.rejected(message[1])  # type: ignore[arg-type]
+        elif kind == "ready":
+            self._ready.set()
+
+    async def _spawn(self) -> tuple[asyncio.subprocess.Process, asyncio.StreamReader]:
+        ours, theirs = socket.socketpair()
+        fds = {name: [s.fileno() for s in sockets] for name, sockets in self._sockets.items()}
+        fmt, level = logs.current()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay.listener.worker", str(theirs.fileno()),
+                str(os.getpid()), fmt, level, stdin=subprocess.DEVNULL,
+                pass_fds=[theirs.fileno(), *(fd for group in fds.values() for fd in group)])
+        finally:
+            theirs.close()
+        self._process = process
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        writer.write(ipc.frame("start", self.config, fds))
+        self._writer = writer
+        return process, reader

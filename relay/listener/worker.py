@@ -1,0 +1,117 @@
+"""The listener process: SMTP sessions and spool writes, on a core of their own.
+
+The main process binds the sockets, starts this process (`python -m
+relay.listener.worker FD`, FD its end of a socketpair) and sends ("start", config,
+{listener name: [socket fds]}). From then on this process reports each durable message
+("accepted", envelope, body offset) before its client hears 250, and each refusal
+("rejected", reason); it takes ("config", config) on reload and ("drain", grace) at
+shutdown, after which it exits once its sessions are done. If the main process dies,
+so does this one (PR_SET_PDEATHSIG), and an end of file on the socketpair means the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from relay import eventloop, logs
+from relay.config.model import Config
+from relay.dns.resolver import Resolver
+from relay.listener import ipc
+from relay.listener.server import Listeners
+from relay.spool.records import Envelope
+from relay.spool.store import Spool
+from relay.tls import listener_context
+
+log = logging.getLogger("relay.listener")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class _Reporter:
+    """ListenerEvents sent to the main process."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    def accepted(self, envelope: Envelope, body_offset: int) -> None:
+        self._writer.write(ipc.frame("accepted", envelope, body_offset))
+
+    def rejected(self, reason: str) -> None:
+        self._writer.write(ipc.frame("rejected", reason))
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the end of file on the socketpair still stops us
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+async def _serve(channel: socket.socket) -> None:
+    reader, writer = await asyncio.open_unix_connection(sock=channel)
+    start = await ipc.receive(reader)
+    if start is None:
+        return
+    _, config, fds = start
+    assert isinstance(config, Config)
+    sockets = {name: [socket.socket(fileno=fd) for fd in numbers]
+               for name, numbers in fds.items()}
+    spool = Spool(config.spool_path, writer=1)
+    spool.open()
+    listeners = Listeners(config, spool, listener_context(config), _Reporter(writer),
+                          Resolver(config.dns))
+    await listeners.start(sockets)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # Sent to the whole group (a terminal's ^C, systemd's stop): stop taking new
+        # sessions at once; the main process says when to go.
+        loop.add_signal_handler(signum, listeners.drain)
+    writer.write(ipc.frame("ready"))
+    while (message := await ipc.receive(reader)) is not None:
+        await _command(listeners, message)
+        if message[0] == "drain":
+            break
+    await listeners.close()
+    writer.close()
+
+
+async def _command(listeners: Listeners, message: tuple[Any, ...]) -> None:
+    if message[0] == "config":
+        config: Config = message[1]
+        resolver = listeners.resolver
+        if config.dns != resolver.config:
+            resolver = Resolver(config.dns)
+        try:
+            context = listener_context(config)
+        except Exception as exc:  # the main process checked it; a file may have changed since
+            log.error("listener TLS not reloaded: %s", exc)
+            context = listeners.tls_context
+        listeners.reconfigure(config, context, resolver)
+    elif message[0] == "drain":
+        listeners.drain()
+        try:
+            await asyncio.wait_for(listeners.wait_idle(), timeout=message[1])
+        except TimeoutError:
+            log.warning("listener: sessions still open after %.0fs; closing them", message[1])
+
+
+def main() -> None:
+    channel_fd, parent, fmt, level = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:5]
+    _die_with_parent(parent)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # reload comes from the main process
+    logs.setup(fmt, level)
+    eventloop.run(_serve(socket.socket(fileno=channel_fd)))
+
+
+if __name__ == "__main__":
+    main()
