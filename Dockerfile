@@ -11,7 +11,7 @@ RUN useradd --system --home-dir /var/spool/relay --shell /usr/sbin/nologin relay
 WORKDIR /opt/relay
 COPY pyproject.toml README.md ./
 COPY relay ./relay
-RUN pip install --no-cache-dir . && rm -rf /root/.cache
+RUN pip install --no-cache-dir '.[fast]' && rm -rf /root/.cache
 
 COPY config/relay.yaml /etc/relay/relay.example.yaml
 ENV RELAY_CONFIG=/etc/relay/relay.yaml \
