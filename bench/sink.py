@@ -49,3 +49,20 @@ def serve(host: str, port: int, counter: Synchronized, ready) -> None:  # type: 
             await server.serve_forever()
 
     asyncio.run(main())
+
+
+def serve_many(hosts: list[str], port: int, counter: Synchronized, ready) -> None:  # type: ignore[no-untyped-def, type-arg]
+    """The same sink on `port` of every address in `hosts` (distinct loopback hosts)."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    async def main() -> None:
+        servers = [await asyncio.start_server(lambda r, w: _session(r, w, counter), host, port,
+                                              limit=1 << 24, reuse_address=True)
+                   for host in hosts]
+        ready.set()
+        await asyncio.gather(*(server.serve_forever() for server in servers))
+
+    asyncio.run(main())

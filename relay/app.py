@@ -76,14 +76,20 @@ class Relay:
     async def _inject(self, envelope: Envelope, data: bytes) -> None:
         """Queue mail relay writes itself (DSNs): durable first, like any other."""
         offset = await self.spool.store(envelope, data)
-        self.scheduler.submit(QueuedMessage(envelope, offset))
+        self._queue_new(QueuedMessage(envelope, offset))
+
+    def _queue_new(self, message: QueuedMessage) -> None:
+        """A recovery scan may have found the file first: it is queued once."""
+        if self.registry.get(message.id) is None:
+            self.scheduler.submit(message)
 
     # what the listener process reports (ListenerEvents)
 
     def accepted(self, envelope: Envelope, body_offset: int) -> None:
         self.metrics.received.labels(envelope.account, envelope.class_name).inc()
-        self.spool.note_stored(body_offset + envelope.size)
-        self.scheduler.submit(QueuedMessage(envelope, body_offset))
+        if self.registry.get(envelope.id) is None:
+            self.spool.note_stored(body_offset + envelope.size)
+            self.scheduler.submit(QueuedMessage(envelope, body_offset))
 
     def rejected(self, reason: str) -> None:
         self.metrics.rejected.labels(reason).inc()
@@ -99,8 +105,8 @@ class Relay:
         """
         messages = recipients = 0
         for count, recovered in enumerate(self.spool.recover(stale_before), 1):
-            if count % 256 == 0:
-                await asyncio.sleep(0)
+            # Between reading the file and this check nothing else may run: a message
+            # delivered and removed meanwhile would be queued a second time.
             if self.registry.get(recovered.envelope.id) is not None:
                 continue
             message = _restore(recovered)
@@ -111,6 +117,8 @@ class Relay:
             messages += 1
             recipients += sum(1 for r in message.recipients if not r.status.is_final)
             self.scheduler.submit(message)
+            if count % 256 == 0:
+                await asyncio.sleep(0)
         return messages, recipients
 
     def _recover_in_background(self, stale_before: float, what: str) -> None:

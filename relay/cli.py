@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import os
+import resource
 import signal
 import sys
 
@@ -31,11 +33,22 @@ def _load(path: str) -> Config:
         raise SystemExit(1) from None
 
 
+def _raise_file_limit() -> None:
+    """A descriptor per session and per delivery connection, and a thousand queues may
+    each hold connections: take the hard limit, as Go's runtime and nginx do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay.app import Relay
 
     config = _load(_config_path(args))
     logs.setup(args.log_format, args.log_level)
+    _raise_file_limit()    # the listener process inherits it
 
     async def main() -> None:
         relay = Relay(config)

@@ -22,6 +22,7 @@ class DnsServer:
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
         self._records: dict[tuple[str, str], tuple[int, list[str]]] = {}
+        self._names: set[str] = set()     # names with any record: NODATA, not NXDOMAIN
         self._servfail: set[str] = set()
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -39,6 +40,7 @@ class DnsServer:
     def add(self, name: str, rdtype: str, *values: str, ttl: int = 60) -> None:
         with self._lock:
             self._records[(self._key(name), rdtype.upper())] = (ttl, list(values))
+            self._names.add(self._key(name))
 
     def mx(self, domain: str, *hosts: tuple[int, str]) -> None:
         self.add(domain, "MX", *(f"{pref} {host.rstrip('.')}." for pref, host in hosts))
@@ -82,7 +84,7 @@ class DnsServer:
                 response.set_rcode(dns.rcode.SERVFAIL)
                 return response
             found = self._records.get((name, rdtype))
-            known = any(key[0] == name for key in self._records)
+            known = name in self._names
         if found:
             ttl, values = found
             response.answer.append(dns.rrset.from_text_list(

@@ -264,6 +264,16 @@ def test_removed_account_stops_authenticating(relay_factory):
             pass
 
 
+def session_until_closed(port: int) -> bytes:
+    """All a new session hears before the relay hangs up. The drain reaches the listener
+    process a moment after the signal: a session that slipped in hears 220, then 421."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        while chunk := sock.recv(200):
+            received += chunk
+    return received
+
+
 def test_sigterm_drains_then_restart_delivers_everything_acked(relay_factory, dns_server,
                                                                mx_farm):
     route(dns_server, "sink.test", "127.0.0.37")
@@ -273,16 +283,14 @@ def test_sigterm_drains_then_restart_delivers_everything_acked(relay_factory, dn
     assert load.wait_acked(150)
     relay.proc.send_signal(signal.SIGTERM)
     # during the drain, a new session is turned away with 421 4.3.2
-    turned_away = None
     try:
-        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as sock:
-            turned_away = sock.recv(200)
+        turned_away: bytes | None = session_until_closed(relay.port)
     except OSError:
-        pass   # already closed: the drain was quicker than this connection
+        turned_away = None   # already closed: the drain was quicker than this connection
     assert relay.proc.wait(60) == 0
     acked = load.stop()
-    if turned_away is not None:
-        assert turned_away.startswith(b"421 4.3.2")
+    if turned_away:
+        assert b"421 4.3.2" in turned_away, turned_away
     assert "stopped;" in relay.log()
     relay.start()
     mx.wait_for(lambda: acked <= set(received_ids(mx)), timeout=60)
@@ -301,8 +309,7 @@ def test_a_transaction_in_progress_finishes_during_the_drain(relay_factory, dns_
         smtp.rcpt("late@drain.test")
         relay.proc.send_signal(signal.SIGTERM)
         relay.wait_log("shutting down")
-        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as sock:
-            assert sock.recv(200).startswith(b"421 4.3.2")
+        assert b"421 4.3.2" in session_until_closed(relay.port)
         code, _ = smtp.data(make_message("in flight"))
         assert code == 250
     assert relay.proc.wait(60) == 0

@@ -41,6 +41,7 @@ class Recovered:
     records: list[StateRecord]
     held: bool = False
     size: int = 0
+    mtime: float = 0.0
 
 
 class _GroupSync:
@@ -253,10 +254,11 @@ class Spool:
         self.bytes += size
 
     def recover(self, stale_before: float) -> Iterator[Recovered]:
-        """Every message on disk with its progress; corrupt entries are quarantined.
+        """Every message written before `stale_before` (a time.time()), with its progress;
+        corrupt entries are quarantined.
 
-        The listener process may be writing while this runs: only temporary files
-        older than `stale_before` (a time.time()) are abandoned writes to delete.
+        The listener process may be writing while this runs: what it writes from then
+        on it reports itself, and a temporary file is an abandoned write only if older.
         """
         if not os.path.isdir(self.messages_dir):
             return
@@ -278,7 +280,9 @@ class Spool:
                         os.unlink(path)  # its message was removed; the log outlived it
                     continue
                 try:
-                    yield self._load(path, names)
+                    recovered = self._load(path, names)
+                    if recovered.mtime < stale_before:
+                        yield recovered
                 except FileNotFoundError:
                     continue  # delivered and removed since the directory was listed
                 except SpoolCorrupt as exc:
@@ -297,7 +301,8 @@ class Spool:
                 head += more
                 parsed = decode_header(head)
             envelope, offset = parsed
-            size = os.fstat(handle.fileno()).st_size
+            stat = os.fstat(handle.fileno())
+            size = stat.st_size
         if size != offset + envelope.size:
             raise SpoolCorrupt(f"body is {size - offset} bytes, envelope says {envelope.size}")
         records: list[StateRecord] = []
@@ -306,7 +311,7 @@ class Spool:
             with open(path + _STATE_SUFFIX, "rb") as handle:
                 records = StateRecord.decode_log(handle.read())
         held = os.path.basename(path) + _HOLD_SUFFIX in names
-        return Recovered(envelope, offset, records, held, size)
+        return Recovered(envelope, offset, records, held, size, stat.st_mtime)
 
     def quarantine(self, message_id: str, reason: str, path: str | None = None) -> None:
         """Move a damaged entry aside: never delivered, never blocking startup."""
