@@ -26,6 +26,8 @@ class DnsServer:
         self._servfail: set[str] = set()
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # Room for a burst of queries (a fan-out to many domains) while one thread answers.
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self._sock.bind((host, 0))
         self._sock.settimeout(0.2)
         self.port = self._sock.getsockname()[1]

@@ -6,6 +6,7 @@ carrying the Reply a log line or DSN should show (RFC 5321 §5.1, RFC 7505).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import random
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ class MxHost:
     preference: int
 
 
+# Queries in flight at once. A fan-out to a thousand new domains would otherwise send
+# thousands of UDP queries in one burst, more than a local resolver's socket buffer
+# holds; the overflow is dropped and every one of those lookups has to time out.
+MAX_QUERIES = 64
+TRIES = 3
+
+
 class Resolver:
     def __init__(self, config: Dns) -> None:
         self.config = config
@@ -36,15 +44,19 @@ class Resolver:
         if config.nameservers:
             self._resolver.nameservers = [
                 dns.nameserver.Do53Nameserver(host, port) for host, port in config.nameservers]
+        # `dns.timeout` bounds a whole lookup; within it a lost datagram is asked again
+        # (dnspython retries until the lifetime runs out), as libc's resolver does.
         self._resolver.lifetime = config.timeout
-        self._resolver.timeout = config.timeout
+        self._resolver.timeout = config.timeout / TRIES
         self._resolver.cache = dns.resolver.Cache()
+        self._in_flight = asyncio.Semaphore(MAX_QUERIES)
 
     async def _query(self, name: str,
                      rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer | None:
         """The answer, None when the name exists without such records; NXDOMAIN raises."""
         try:
-            return await self._resolver.resolve(name, rdtype, search=False)
+            async with self._in_flight:
+                return await self._resolver.resolve(name, rdtype, search=False)
         except dns.resolver.NXDOMAIN as exc:
             raise DnsPermanentError(Reply.local(
                 550, "5.1.2", f"Host or domain name not found: {name} does not exist")) from exc
