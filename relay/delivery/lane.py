@@ -306,8 +306,8 @@ class Lane:
             if connection is None:
                 return None
         try:
-            message = await self._ctx.spool.load_message(batch.message.id,
-                                                         batch.message.body_offset)
+            message = await self._ctx.spool.load_message(
+                batch.message.id, batch.message.body_offset, batch.message.envelope.size)
         except SpoolError as exc:
             log.error("id=%s cannot be read from the spool: %s", batch.message.id, exc)
             await self._settle(batch, Reply.local(451, "4.3.0", "spool read error"),

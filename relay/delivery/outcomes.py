@@ -154,7 +154,8 @@ class Outcomes:
 
     async def _bounce(self, message: QueuedMessage, failures: list[Failure], now: float) -> None:
         envelope = message.envelope
-        original = await self._spool.load_message(envelope.id, message.body_offset)
+        original = await self._spool.load_message(envelope.id, message.body_offset,
+                                                  envelope.size)
         dsn = build_dsn(self.config.hostname, envelope, failures, original, now)
         dsn_envelope = Envelope(
             id=self._spool.new_id(), sender="",

@@ -9,9 +9,12 @@ start with a clear message, and served here in the listener process.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
+import time
+from typing import Any
 
 from relay.config.model import Config, Listener
 from relay.dns.resolver import Resolver
@@ -23,6 +26,8 @@ from relay.spool.store import Spool
 from relay.tls import certificate_files, load_into
 
 log = logging.getLogger("relay.listener")
+
+BIND_WAIT = 3.0
 
 
 def bind_sockets(config: Config) -> dict[str, list[socket.socket]]:
@@ -42,7 +47,7 @@ def bind_sockets(config: Config) -> dict[str, list[socket.socket]]:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
+                _bind(sock, address)
                 sock.listen(1024)
                 sock.setblocking(False)
     except OSError as exc:
@@ -52,6 +57,20 @@ def bind_sockets(config: Config) -> dict[str, list[socket.socket]]:
         raise RelayError(f"listener {listener.name}: cannot listen on "
                          f"{listener.address}:{listener.port}: {exc.strerror or exc}") from exc
     return bound
+
+
+def _bind(sock: socket.socket, address: tuple[Any, ...]) -> None:
+    """Bind, waiting up to BIND_WAIT seconds for a port still held by a listener process
+    of a relay that was just killed: the kernel ends it with its parent, a moment later."""
+    deadline = time.monotonic() + BIND_WAIT
+    while True:
+        try:
+            sock.bind(address)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _socket_key(listener: Listener) -> tuple[str, int, str]:

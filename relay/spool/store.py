@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ _STATE_SUFFIX = ".st"
 _HOLD_SUFFIX = ".hold"
 _TMP_PREFIX = ".tmp-"
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
+INLINE_READ = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,37 +47,33 @@ class Recovered:
 
 
 class _GroupSync:
-    """One directory fsync covers every caller that arrived before it started."""
+    """Group commit for directory fsyncs, in the worker threads that write the files.
+
+    A thread that has renamed its file asks for a sync of the directory; if a sync that
+    started after its rename has finished meanwhile, it is covered and returns at once.
+    Under load one fsync covers every file renamed before it began, and the file write
+    and its directory sync cost one trip to a worker thread, not two.
+    """
 
     def __init__(self) -> None:
-        self._waiting: dict[str, asyncio.Future[None]] = {}
-        self._running: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = threading.Lock()
+        self._dirs: dict[str, tuple[threading.Lock, list[int]]] = {}
 
-    async def sync(self, directory: str) -> None:
-        future = self._waiting.get(directory)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._waiting[directory] = future
-            if directory not in self._running:
-                task = asyncio.create_task(self._run(directory))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        await asyncio.shield(future)
-
-    async def _run(self, directory: str) -> None:
-        self._running.add(directory)
-        try:
-            while directory in self._waiting:
-                future = self._waiting.pop(directory)
-                try:
-                    await asyncio.to_thread(_fsync_dir, directory)
-                except OSError as exc:
-                    future.set_exception(SpoolError(exc.errno, f"fsync {directory}: {exc}"))
-                else:
-                    future.set_result(None)
-        finally:
-            self._running.discard(directory)
+    def sync(self, directory: str) -> None:
+        with self._lock:
+            entry = self._dirs.get(directory)
+            if entry is None:
+                entry = self._dirs[directory] = (threading.Lock(), [0, 0])
+            lock, counters = entry      # [renames asked for, renames covered by a sync]
+            counters[0] += 1
+            mine = counters[0]
+        with lock:
+            if counters[1] >= mine:
+                return
+            with self._lock:
+                upto = counters[0]
+            _fsync_dir(directory)
+            counters[1] = upto
 
 
 def _fsync_dir(directory: str) -> None:
@@ -86,7 +84,8 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _write_durably(tmp_path: str, final_path: str, chunks: tuple[bytes, ...]) -> None:
+def _write_durably(tmp_path: str, final_path: str, chunks: tuple[bytes, ...],
+                   dirsync: _GroupSync) -> None:
     try:
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -105,6 +104,7 @@ def _write_durably(tmp_path: str, final_path: str, chunks: tuple[bytes, ...]) ->
         except OSError:
             pass
         raise
+    dirsync.sync(os.path.dirname(final_path))
 
 
 def _append_durably(path: str, data: bytes) -> None:
@@ -116,21 +116,21 @@ def _append_durably(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _unlink_message(path: str) -> int | None:
-    """Remove a message and its companions; its size, or None if it was gone already.
+def _unlink_synced(paths: tuple[str, ...], dirsync: _GroupSync) -> int | None:
+    """Remove files of one directory, then sync it; the first one's size, or None if it
+    was gone already.
 
     Run in a thread: unlinking a file just written can wait on the filesystem journal.
     """
-    try:
-        size: int | None = os.stat(path).st_size
-        os.unlink(path)
-    except FileNotFoundError:
-        size = None
-    for victim in (path + _STATE_SUFFIX, path + _HOLD_SUFFIX):
+    size: int | None = None
+    for n, path in enumerate(paths):
         try:
-            os.unlink(victim)
+            if n == 0:
+                size = os.stat(path).st_size
+            os.unlink(path)
         except FileNotFoundError:
             pass
+    dirsync.sync(os.path.dirname(paths[0]))
     return size
 
 
@@ -187,13 +187,11 @@ class Spool:
         try:
             if directory not in self._buckets:
                 # at most 1,024 buckets: the stat and mkdir happen once each per run
-                await asyncio.to_thread(os.makedirs, directory, mode=0o700, exist_ok=True)
-                await self._dirsync.sync(self.messages_dir)
+                await asyncio.to_thread(self._make_bucket, directory)
                 self._buckets.add(directory)
             await asyncio.to_thread(
                 _write_durably, os.path.join(directory, _TMP_PREFIX + envelope.id),
-                os.path.join(directory, envelope.id), (header, message))
-            await self._dirsync.sync(directory)
+                os.path.join(directory, envelope.id), (header, message), self._dirsync)
         except OSError as exc:
             if isinstance(exc, SpoolError):
                 raise
@@ -202,6 +200,10 @@ class Spool:
         self.messages += 1
         self.bytes += len(header) + len(message)
         return len(header)
+
+    def _make_bucket(self, directory: str) -> None:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._dirsync.sync(self.messages_dir)
 
     async def record(self, message_id: str, records: list[StateRecord]) -> None:
         """Append recipient progress durably."""
@@ -216,11 +218,11 @@ class Spool:
     async def remove(self, message_id: str) -> None:
         """Forget a message whose every recipient is final (message first, then its log)."""
         path = self.message_path(message_id)
-        size = await asyncio.to_thread(_unlink_message, path)
+        size = await asyncio.to_thread(
+            _unlink_synced, (path, path + _STATE_SUFFIX, path + _HOLD_SUFFIX), self._dirsync)
         if size is not None:
             self.messages -= 1
             self.bytes -= size
-        await self._dirsync.sync(self._dir(message_id))
 
     async def set_held(self, message_id: str, held: bool) -> None:
         """Hold survives a restart: a marker file beside the message."""
@@ -228,14 +230,12 @@ class Spool:
         try:
             if held:
                 tmp = os.path.join(self._dir(message_id), _TMP_PREFIX + message_id + _HOLD_SUFFIX)
-                await asyncio.to_thread(_write_durably, tmp, marker, (b"held\n",))
+                await asyncio.to_thread(_write_durably, tmp, marker, (b"held\n",),
+                                        self._dirsync)
             else:
-                os.unlink(marker)
-        except FileNotFoundError:
-            pass
+                await asyncio.to_thread(_unlink_synced, (marker,), self._dirsync)
         except OSError as exc:
             raise SpoolError(exc.errno, f"cannot mark {message_id}: {exc.strerror}") from exc
-        await self._dirsync.sync(self._dir(message_id))
 
     def read_message(self, message_id: str, body_offset: int, limit: int = -1) -> bytes:
         try:
@@ -245,7 +245,12 @@ class Spool:
         except OSError as exc:
             raise SpoolError(exc.errno, f"cannot read {message_id}: {exc.strerror}") from exc
 
-    async def load_message(self, message_id: str, body_offset: int) -> bytes:
+    async def load_message(self, message_id: str, body_offset: int, size: int) -> bytes:
+        """The body of a message of `size` bytes. Up to INLINE_READ it is read right here:
+        mail delivered soon after it came is in the page cache, and a trip to a worker
+        thread would cost more than the read."""
+        if size <= INLINE_READ:
+            return self.read_message(message_id, body_offset)
         return await asyncio.to_thread(self.read_message, message_id, body_offset)
 
     def note_stored(self, size: int) -> None:
