@@ -106,6 +106,8 @@ class ListenerProcess:
                       process.returncode)
             self._on_lost(time.time())
             await asyncio.sleep(RESTART_DELAY)
+            if self.draining:   # told to stop while waiting: no new process
+                return
 
     def _dispatch(self, message: tuple[object, ...]) -> None:
         kind = message[0]

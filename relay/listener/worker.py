@@ -23,6 +23,7 @@ from typing import Any
 from relay import eventloop, logs
 from relay.config.model import Config
 from relay.dns.resolver import Resolver
+from relay.errors import RelayError
 from relay.listener import ipc
 from relay.listener.server import Listeners
 from relay.spool.records import Envelope
@@ -93,7 +94,7 @@ async def _command(listeners: Listeners, message: tuple[Any, ...]) -> None:
             resolver = Resolver(config.dns)
         try:
             context = listener_context(config)
-        except Exception as exc:  # the main process checked it; a file may have changed since
+        except (RelayError, OSError) as exc:  # checked by the main process; changed since?
             log.error("listener TLS not reloaded: %s", exc)
             context = listeners.tls_context
         listeners.reconfigure(config, context, resolver)
