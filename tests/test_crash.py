@@ -88,7 +88,10 @@ def test_damaged_spool_entries_are_quarantined_at_startup(relay_factory, dns_ser
     relay.start()
     [delivered] = mx.wait_messages(1)
     assert delivered.rcpt_tos == ["a@sink.test"] and good.encode() in delivered.data
-    assert sorted(p.name for p in (spool / "quarantine").iterdir()) == sorted(
+    # the damaged message goes with its progress log, if its first attempt left one
+    quarantined = sorted(p.name for p in (spool / "quarantine").iterdir())
+    assert [name for name in quarantined if not name.endswith(".st")] == sorted(
         [bad, garbage.name])
+    assert [name for name in quarantined if name.endswith(".st")] in ([], [f"{bad}.st"])
     assert scrape(relay)["relay_spool_quarantined_total"][()] == 2
     assert f"spool: quarantined {bad}" in relay.log()
