@@ -81,9 +81,14 @@ class Submission(SMTP):
         return self.envelope is not None and self.envelope.mail_from is not None
 
     def close_for_shutdown(self) -> None:
-        """Between transactions: say goodbye now. In one: after its reply (see DATA)."""
-        if self.transport is not None and not self.in_transaction:
-            self._refuse(self.transport, b"421 4.3.2 Service shutting down, try again later")
+        """Between transactions: say goodbye now. In one: after its reply (see DATA).
+
+        A session already closing (its client vanished) is left to finish: writing to a
+        TLS transport that has let go of its SSL protocol raises.
+        """
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and not self.in_transaction:
+            self._refuse(transport, b"421 4.3.2 Service shutting down, try again later")
 
     def _set_rset_state(self) -> None:
         super()._set_rset_state()  # type: ignore[no-untyped-call]
