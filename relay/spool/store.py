@@ -218,8 +218,12 @@ class Spool:
     async def remove(self, message_id: str) -> None:
         """Forget a message whose every recipient is final (message first, then its log)."""
         path = self.message_path(message_id)
-        size = await asyncio.to_thread(
-            _unlink_synced, (path, path + _STATE_SUFFIX, path + _HOLD_SUFFIX), self._dirsync)
+        try:
+            size = await asyncio.to_thread(
+                _unlink_synced, (path, path + _STATE_SUFFIX, path + _HOLD_SUFFIX),
+                self._dirsync)
+        except OSError as exc:
+            raise SpoolError(exc.errno, f"cannot remove {message_id}: {exc.strerror}") from exc
         if size is not None:
             self.messages -= 1
             self.bytes -= size
