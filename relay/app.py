@@ -62,6 +62,7 @@ class Relay:
                                    self.stats)
         self.listeners: ListenerProcess | None = None
         self._recoveries: set[asyncio.Task[None]] = set()
+        self.recovery_failure: str | None = None
         self.admin: web.AppRunner | None = None
         self.metrics.watch(StateCollector(
             self.stats, lambda: list(self.dispatcher.lanes.values()),
@@ -124,7 +125,13 @@ class Relay:
     def _recover_in_background(self, stale_before: float, what: str) -> None:
         async def run() -> None:
             started = time.monotonic()
-            messages, recipients = await self.recover(stale_before)
+            try:
+                messages, recipients = await self.recover(stale_before)
+            except (RelayError, OSError) as exc:
+                # Part of the spool is not queued: loud in the log and in /readyz.
+                self.recovery_failure = f"spool recovery failed: {exc}"
+                log.error("%s; queued mail may wait until the next start", self.recovery_failure)
+                return
             log.info("spool %s: %s %d messages, %d recipients to deliver (%.1fs)",
                      self.spool.path, what, messages, recipients, time.monotonic() - started)
 
@@ -164,6 +171,8 @@ class Relay:
             problems.append("shutting down")
         elif self.listeners is None or not self.listeners.serving:
             problems.append("listeners are not serving")
+        if self.recovery_failure is not None:
+            problems.append(self.recovery_failure)
         probe = os.path.join(self.spool.path, f".tmp-ready-{os.getpid()}")
         try:
             with open(probe, "wb") as handle:
