@@ -13,7 +13,7 @@ from relay.spool import Envelope, EnvelopeRecipient, Spool
 from relay.spool.records import encode_header
 from tests.load import received_ids
 from tests.relayproc import RelayProcess, make_message
-from tests.test_operations import depth, scrape
+from tests.test_operations import depth, scrape, wait_until
 
 
 def listener_pid(relay: RelayProcess) -> int | None:
@@ -22,15 +22,6 @@ def listener_pid(relay: RelayProcess) -> int | None:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     assert len(children) <= 1, children
     return int(children[0]) if children else None
-
-
-def wait_until(predicate, timeout: float = 20) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_dead_listener_process_is_replaced_and_what_it_stored_is_delivered(

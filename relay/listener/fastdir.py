@@ -10,13 +10,12 @@ these prefixes, so a dir() that lists just them builds the same tables.
 from __future__ import annotations
 
 PREFIXES = ("smtp_", "auth_", "handle_")
-_names: dict[str, list[str]] = {}
+_names: dict[type, list[str]] = {}
 
 
 def dispatch_names(cls: type) -> list[str]:
     """The attribute names of `cls` that aiosmtpd looks up by prefix, sorted like dir()."""
-    key = f"{cls.__module__}.{cls.__qualname__}"
-    names = _names.get(key)
+    names = _names.get(cls)
     if names is None:
-        names = _names[key] = sorted(n for n in dir(cls) if n.startswith(PREFIXES))
+        names = _names[cls] = sorted(n for n in dir(cls) if n.startswith(PREFIXES))
     return names
