@@ -36,13 +36,20 @@ def ensure_postfix() -> None:
     if shutil.which("smtp-source") and shutil.which("postfix"):
         return
     if os.geteuid() != 0:
-        raise SystemExit("Postfix is not installed and installing it needs root "
-                         "(apt-get install postfix)")
-    subprocess.run("echo 'postfix postfix/main_mailer_type select No configuration' | "
-                   "debconf-set-selections", shell=True, check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postfix"],
-                   check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                   stdout=subprocess.DEVNULL)
+        raise SystemExit(
+            "Postfix is not installed and installing it needs root (apt-get install postfix)"
+        )
+    subprocess.run(
+        "echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections",
+        shell=True,
+        check=True,
+    )
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postfix"],
+        check=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        stdout=subprocess.DEVNULL,
+    )
 
 
 class Sink:
@@ -53,7 +60,9 @@ class Sink:
         self.count = 0
         self._proc = subprocess.Popen(
             ["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{port}", "256"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         threading.Thread(target=self._read, daemon=True).start()
         wait_port(port)
 
@@ -87,34 +96,58 @@ class Postfix:
     DNS off. `relayhost` sends everything to one sink; `transport` (domain → nexthop
     such as "[127.1.0.1]:2525") gives each domain a queue of its own."""
 
-    def __init__(self, workdir: Path, port: int, relayhost: str = "",
-                 transport: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int, relayhost: str = "", transport: dict[str, str] | None = None
+    ) -> None:
         self.dir = workdir / "postfix"
         etc, queue, data = self.dir / "etc", self.dir / "queue", self.dir / "data"
         for path in (etc, queue, data):
             path.mkdir(parents=True)
         shutil.chown(data, "postfix")
-        (etc / "main.cf").write_text("\n".join([
-            "compatibility_level = 3.6", f"queue_directory = {queue}",
-            f"data_directory = {data}", "mail_owner = postfix", "setgid_group = postdrop",
-            "myhostname = postfix.bench.test", "mydestination =", "mynetworks = 127.0.0.0/8",
-            "inet_interfaces = 127.0.0.1", "inet_protocols = ipv4",
-            f"relayhost = {relayhost}", "smtp_dns_support_level = disabled",
-            "smtp_host_lookup = native", "disable_dns_lookups = yes",
-            "smtpd_recipient_restrictions = permit_mynetworks, reject",
-            "default_destination_concurrency_limit = 20", "alias_maps =",
-            "local_recipient_maps =", f"maillog_file_prefixes = {self.dir}",
-            f"maillog_file = {self.dir}/maillog",
-            f"transport_maps = texthash:{etc}/transport" if transport else "", ""]))
+        (etc / "main.cf").write_text(
+            "\n".join(
+                [
+                    "compatibility_level = 3.6",
+                    f"queue_directory = {queue}",
+                    f"data_directory = {data}",
+                    "mail_owner = postfix",
+                    "setgid_group = postdrop",
+                    "myhostname = postfix.bench.test",
+                    "mydestination =",
+                    "mynetworks = 127.0.0.0/8",
+                    "inet_interfaces = 127.0.0.1",
+                    "inet_protocols = ipv4",
+                    f"relayhost = {relayhost}",
+                    "smtp_dns_support_level = disabled",
+                    "smtp_host_lookup = native",
+                    "disable_dns_lookups = yes",
+                    "smtpd_recipient_restrictions = permit_mynetworks, reject",
+                    "default_destination_concurrency_limit = 20",
+                    "alias_maps =",
+                    "local_recipient_maps =",
+                    f"maillog_file_prefixes = {self.dir}",
+                    f"maillog_file = {self.dir}/maillog",
+                    f"transport_maps = texthash:{etc}/transport" if transport else "",
+                    "",
+                ]
+            )
+        )
         if transport:
-            (etc / "transport").write_text("".join(
-                f"{domain} smtp:{nexthop}\n" for domain, nexthop in transport.items()))
-        master = Path("/etc/postfix/master.cf").read_text().replace(
-            "\nsmtp      inet", f"\n127.0.0.1:{port}      inet", 1)
+            (etc / "transport").write_text(
+                "".join(f"{domain} smtp:{nexthop}\n" for domain, nexthop in transport.items())
+            )
+        master = (
+            Path("/etc/postfix/master.cf")
+            .read_text()
+            .replace("\nsmtp      inet", f"\n127.0.0.1:{port}      inet", 1)
+        )
         (etc / "master.cf").write_text(master)
         self.etc = etc
-        self._proc = subprocess.Popen(["postfix", "-c", str(etc), "start-fg"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            ["postfix", "-c", str(etc), "start-fg"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(port)
 
     def stop(self) -> None:

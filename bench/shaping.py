@@ -53,17 +53,34 @@ def measured_rate(times: list[float], window: float) -> float:
 
 def rates(args: argparse.Namespace, secret: str) -> None:
     dns, farm = DnsServer().start(), MxFarm(free_port())
-    dns.add("example.org", "A", "127.0.0.9")   # the senders' domain must be routable
+    dns.add("example.org", "A", "127.0.0.9")  # the senders' domain must be routable
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     try:
         cases = [  # (label, domain, ip, shaping, configured per second, recipients_of)
-            ("rate 300/min", "paced.test", "127.0.0.40", {"rate": "300/min"}, 5.0,
-             lambda i: [f"u{i}@paced.test"]),
-            ("connection_rate 120/min", "conn.test", "127.0.0.41",
-             {"connection_rate": "120/min", "max_messages_per_connection": 1}, 2.0,
-             lambda i: [f"u{i}@conn.test"]),
-            ("recipient_rate 60/min", "mailbox.test", "127.0.0.42",
-             {"recipient_rate": "60/min"}, 1.0, lambda i: ["same@mailbox.test"]),
+            (
+                "rate 300/min",
+                "paced.test",
+                "127.0.0.40",
+                {"rate": "300/min"},
+                5.0,
+                lambda i: [f"u{i}@paced.test"],
+            ),
+            (
+                "connection_rate 120/min",
+                "conn.test",
+                "127.0.0.41",
+                {"connection_rate": "120/min", "max_messages_per_connection": 1},
+                2.0,
+                lambda i: [f"u{i}@conn.test"],
+            ),
+            (
+                "recipient_rate 60/min",
+                "mailbox.test",
+                "127.0.0.42",
+                {"recipient_rate": "60/min"},
+                1.0,
+                lambda i: ["same@mailbox.test"],
+            ),
         ]
         providers = {}
         servers = {}
@@ -72,9 +89,17 @@ def rates(args: argparse.Namespace, secret: str) -> None:
             dns.add(f"mx.{domain}", "A", ip)
             servers[label] = farm.server(ip)
             providers[domain.split(".")[0]] = {"domains": [domain], **shaping}
-        relay = RelayProcess(workdir, base_config(
-            workdir, dns.port, farm.port, secret, providers=providers,
-            delivery={"port": farm.port, "idle_connection_timeout": "5s"})).start()
+        relay = RelayProcess(
+            workdir,
+            base_config(
+                workdir,
+                dns.port,
+                farm.port,
+                secret,
+                providers=providers,
+                delivery={"port": farm.port, "idle_connection_timeout": "5s"},
+            ),
+        ).start()
         try:
             for _, _, _, _, per_second, recipients_of in cases:
                 need = int(per_second * args.seconds * 1.2) + 2
@@ -82,12 +107,16 @@ def rates(args: argparse.Namespace, secret: str) -> None:
             deadline = time.monotonic() + args.seconds * 1.5 + 30
             for label, _, _, _, per_second, _ in cases:
                 server = servers[label]
-                server.wait_for(lambda s=server, p=per_second: len(s.messages) >= p * args.seconds,
-                                timeout=max(1, deadline - time.monotonic()))
+                server.wait_for(
+                    lambda s=server, p=per_second: len(s.messages) >= p * args.seconds,
+                    timeout=max(1, deadline - time.monotonic()),
+                )
                 times = sorted(m.time for m in server.messages)
                 got = measured_rate(times, args.seconds)
-                print(f"{label:26s} configured {per_second:6.2f}/s  measured {got:6.3f}/s  "
-                      f"ratio {got / per_second:5.3f}  ({len(times)} messages)")
+                print(
+                    f"{label:26s} configured {per_second:6.2f}/s  measured {got:6.3f}/s  "
+                    f"ratio {got / per_second:5.3f}  ({len(times)} messages)"
+                )
         finally:
             relay.stop()
     finally:
@@ -102,16 +131,26 @@ def isolation(args: argparse.Namespace, secret: str) -> None:
         dns.add("example.org", "A", "127.0.0.9")
         workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
         try:
-            for domain, ip in (("healthy.test", "127.0.0.50"), ("blackhole.test", "127.0.0.51"),
-                               ("refused.test", "127.0.0.52")):
+            for domain, ip in (
+                ("healthy.test", "127.0.0.50"),
+                ("blackhole.test", "127.0.0.51"),
+                ("refused.test", "127.0.0.52"),
+            ):
                 dns.mx(domain, (10, f"mx.{domain}"))
                 dns.add(f"mx.{domain}", "A", ip)
             healthy = farm.server("127.0.0.50")
             Blackhole(farm, "127.0.0.51")
-            relay = RelayProcess(workdir, base_config(
-                workdir, dns.port, farm.port, secret,
-                delivery={"port": farm.port, "connect_timeout": "30s"},
-                retry={"initial": "1m", "max": "5m"})).start()
+            relay = RelayProcess(
+                workdir,
+                base_config(
+                    workdir,
+                    dns.port,
+                    farm.port,
+                    secret,
+                    delivery={"port": farm.port, "connect_timeout": "30s"},
+                    retry={"initial": "1m", "max": "5m"},
+                ),
+            ).start()
             try:
                 if with_dead:
                     submit(relay, lambda i: [f"u{i}-{j}@blackhole.test" for j in range(10)], 50)
@@ -127,8 +166,10 @@ def isolation(args: argparse.Namespace, secret: str) -> None:
             farm.stop()
     alone, beside = results
     print(f"{'isolation: healthy alone':26s} {args.healthy} messages in {alone:6.2f}s")
-    print(f"{'isolation: beside dead':26s} {args.healthy} messages in {beside:6.2f}s  "
-          f"ratio {beside / alone:5.2f}  (1,000 recipients on dead destinations)")
+    print(
+        f"{'isolation: beside dead':26s} {args.healthy} messages in {beside:6.2f}s  "
+        f"ratio {beside / alone:5.2f}  (1,000 recipients on dead destinations)"
+    )
 
 
 def main() -> None:

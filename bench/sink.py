@@ -10,16 +10,18 @@ import asyncio
 from multiprocessing.sharedctypes import Synchronized
 
 
-async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   counter: Synchronized) -> None:  # type: ignore[type-arg]
+async def _session(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: Synchronized
+) -> None:  # type: ignore[type-arg]
     writer.write(b"220 sink ESMTP\r\n")
     try:
         while True:
             line = await reader.readuntil(b"\n")
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
-                writer.write(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
-                             b"250 SIZE 100000000\r\n")
+                writer.write(
+                    b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000\r\n"
+                )
             elif verb == b"DATA":
                 writer.write(b"354 go ahead\r\n")
                 await writer.drain()
@@ -43,7 +45,8 @@ async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 def serve(host: str, port: int, counter: Synchronized, ready) -> None:  # type: ignore[no-untyped-def, type-arg]
     async def main() -> None:
         server = await asyncio.start_server(
-            lambda r, w: _session(r, w, counter), host, port, limit=1 << 24)
+            lambda r, w: _session(r, w, counter), host, port, limit=1 << 24
+        )
         ready.set()
         async with server:
             await server.serve_forever()
@@ -59,9 +62,12 @@ def serve_many(hosts: list[str], port: int, counter: Synchronized, ready) -> Non
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     async def main() -> None:
-        servers = [await asyncio.start_server(lambda r, w: _session(r, w, counter), host, port,
-                                              limit=1 << 24, reuse_address=True)
-                   for host in hosts]
+        servers = [
+            await asyncio.start_server(
+                lambda r, w: _session(r, w, counter), host, port, limit=1 << 24, reuse_address=True
+            )
+            for host in hosts
+        ]
         ready.set()
         await asyncio.gather(*(server.serve_forever() for server in servers))
 

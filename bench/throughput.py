@@ -33,8 +33,10 @@ def free_port() -> int:
 
 
 def message(size: int, n: int) -> bytes:
-    head = (f"From: <bench@[127.0.0.1]>\r\nTo: <sink@sink.test>\r\nSubject: bench {n}\r\n"
-            f"Message-ID: <{n}.{time.time_ns()}@bench>\r\n\r\n").encode()
+    head = (
+        f"From: <bench@[127.0.0.1]>\r\nTo: <sink@sink.test>\r\nSubject: bench {n}\r\n"
+        f"Message-ID: <{n}.{time.time_ns()}@bench>\r\n\r\n"
+    ).encode()
     line = b"The quick brown fox jumps over the lazy dog, again and again. 0123456789\r\n"
     body = (line * (size // len(line) + 1))[: max(0, size - len(head) - 2)]
     return head + body.rstrip(b"\r\n") + b"\r\n"
@@ -91,25 +93,47 @@ def run(args: argparse.Namespace) -> None:
     counter = multiprocessing.Value("q", 0)
     ready = multiprocessing.Event()
     sink_port = free_port()
-    sink_proc = multiprocessing.Process(target=sink.serve,
-                                        args=("127.0.0.1", sink_port, counter, ready), daemon=True)
+    sink_proc = multiprocessing.Process(
+        target=sink.serve, args=("127.0.0.1", sink_port, counter, ready), daemon=True
+    )
     sink_proc.start()
     ready.wait(10)
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     relay_port = free_port()
     config = {
         "hostname": "relay.bench",
-        "listeners": [{"name": "bench", "address": "127.0.0.1", "port": relay_port,
-                       "tls": "none", "auth": "none", "trusted_networks": ["127.0.0.1/32"]}],
+        "listeners": [
+            {
+                "name": "bench",
+                "address": "127.0.0.1",
+                "port": relay_port,
+                "tls": "none",
+                "auth": "none",
+                "trusted_networks": ["127.0.0.1/32"],
+            }
+        ],
         "spool": {"path": str(workdir / "spool")},
-        "defaults": {"route": f"127.0.0.1:{sink_port}", "max_connections": args.clients,
-                     "max_messages_per_connection": 1000},
+        "defaults": {
+            "route": f"127.0.0.1:{sink_port}",
+            "max_connections": args.clients,
+            "max_messages_per_connection": 1000,
+        },
         "delivery": {"idle_connection_timeout": "5s"},
     }
     (workdir / "relay.yaml").write_text(yaml.safe_dump(config))
-    relay = subprocess.Popen([sys.executable, "-m", "relay", "serve", "-c",
-                              str(workdir / "relay.yaml"), "--log-level", "WARNING"],
-                             stderr=open(workdir / "relay.log", "wb"))
+    relay = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "serve",
+            "-c",
+            str(workdir / "relay.yaml"),
+            "--log-level",
+            "WARNING",
+        ],
+        stderr=open(workdir / "relay.log", "wb"),
+    )
     try:
         for _ in range(200):
             try:
@@ -118,16 +142,20 @@ def run(args: argparse.Namespace) -> None:
             except OSError:
                 time.sleep(0.05)
         results = {}
-        for label, port in (("physical limit (client → sink)", sink_port),
-                            ("relay (client → relay → sink)", relay_port)):
+        for label, port in (
+            ("physical limit (client → sink)", sink_port),
+            ("relay (client → relay → sink)", relay_port),
+        ):
             start_count = counter.value
             start = time.monotonic()
             sent = asyncio.run(drive(port, args.clients, args.size, args.seconds))
             end = wait_count(counter, start_count + sent, 120)
             delivered = counter.value - start_count
             results[label] = delivered / (end - start)
-            print(f"{label:34s} {results[label]:8.0f} msg/s  "
-                  f"({delivered} messages of {args.size} B, {args.clients} clients)")
+            print(
+                f"{label:34s} {results[label]:8.0f} msg/s  "
+                f"({delivered} messages of {args.size} B, {args.clients} clients)"
+            )
         limit, through = results.values()
         print(f"{'ratio relay / physical limit':34s} {through / limit:8.2f}")
     finally:

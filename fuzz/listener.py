@@ -34,17 +34,39 @@ def main() -> None:
     dns.add("example.org", "A", "127.0.0.9")
     workdir = Path(tempfile.mkdtemp(prefix="relay-fuzz-"))
     plain = free_port()
-    relay = RelayProcess(workdir, base_config(
-        workdir, dns.port, free_port(), hash_password(PASSWORD),
-        listeners=[{"name": "local", "address": "127.0.0.1", "port": plain, "tls": "none",
-                    "auth": "none", "trusted_networks": ["127.0.0.0/8"]}],
-        limits={"max_message_size": "64KiB", "idle_timeout": "3s",
-                "max_connections_per_ip": 100000})).start()
+    relay = RelayProcess(
+        workdir,
+        base_config(
+            workdir,
+            dns.port,
+            free_port(),
+            hash_password(PASSWORD),
+            listeners=[
+                {
+                    "name": "local",
+                    "address": "127.0.0.1",
+                    "port": plain,
+                    "tls": "none",
+                    "auth": "none",
+                    "trusted_networks": ["127.0.0.0/8"],
+                }
+            ],
+            limits={
+                "max_message_size": "64KiB",
+                "idle_timeout": "3s",
+                "max_connections_per_ip": 100000,
+            },
+        ),
+    ).start()
     count = [0, 0]
     started = time.monotonic()
 
-    @settings(max_examples=args.examples, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=args.examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(inputs)
     def fuzz(data: bytes) -> None:
         count[0] += 1
@@ -58,8 +80,10 @@ def main() -> None:
     finally:
         relay.stop()
         dns.stop()
-    print(f"fuzz: {count[0]} inputs, {count[1]} bytes in {time.monotonic() - started:.0f}s; "
-          f"served after every one; tracebacks in the log: {relay.log().count('Traceback')}")
+    print(
+        f"fuzz: {count[0]} inputs, {count[1]} bytes in {time.monotonic() - started:.0f}s; "
+        f"served after every one; tracebacks in the log: {relay.log().count('Traceback')}"
+    )
 
 
 if __name__ == "__main__":

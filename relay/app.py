@@ -51,25 +51,39 @@ class Relay:
         self.stats = QueueStats()
         self.resolver = Resolver(config.dns)
         self.router = Router(config, self.resolver)
-        self.outcomes = Outcomes(config, self.spool, self._requeue, self._inject,
-                                 self.registry, self.stats, self.metrics)
+        self.outcomes = Outcomes(
+            config, self.spool, self._requeue, self._inject, self.registry, self.stats, self.metrics
+        )
         self.suspensions = Suspensions(config.spool_path)
         self.connector = Connector(config, self.resolver)
-        self.dispatcher = Dispatcher(LaneContext(
-            config, self.connector, self.outcomes, self.spool, self.suspensions,
-            self._requeue, self.stats, self.metrics))
-        self.scheduler = Scheduler(self.router, self.dispatcher.enqueue, self.registry,
-                                   self.stats)
+        self.dispatcher = Dispatcher(
+            LaneContext(
+                config,
+                self.connector,
+                self.outcomes,
+                self.spool,
+                self.suspensions,
+                self._requeue,
+                self.stats,
+                self.metrics,
+            )
+        )
+        self.scheduler = Scheduler(self.router, self.dispatcher.enqueue, self.registry, self.stats)
         self.listeners: ListenerProcess | None = None
         self._recoveries: set[asyncio.Task[None]] = set()
         self.recovery_failure: str | None = None
         self.admin: web.AppRunner | None = None
-        self.metrics.watch(StateCollector(
-            self.stats, lambda: list(self.dispatcher.lanes.values()),
-            lambda: [p.name for p in self.config.providers], lambda: list(self.config.classes),
-            lambda: (self.spool.messages, self.spool.bytes, self.spool.quarantined)))
+        self.metrics.watch(
+            StateCollector(
+                self.stats,
+                lambda: list(self.dispatcher.lanes.values()),
+                lambda: [p.name for p in self.config.providers],
+                lambda: list(self.config.classes),
+                lambda: (self.spool.messages, self.spool.bytes, self.spool.quarantined),
+            )
+        )
         for name in [p.name for p in config.providers] + ["default"]:
-            self.metrics.connections.labels(name)   # a series from the start, at 0
+            self.metrics.connections.labels(name)  # a series from the start, at 0
 
     def _requeue(self, message: QueuedMessage, recipients: list[Recipient]) -> None:
         self.scheduler.defer(message, recipients)
@@ -132,8 +146,14 @@ class Relay:
                 self.recovery_failure = f"spool recovery failed: {exc}"
                 log.error("%s; queued mail may wait until the next start", self.recovery_failure)
                 return
-            log.info("spool %s: %s %d messages, %d recipients to deliver (%.1fs)",
-                     self.spool.path, what, messages, recipients, time.monotonic() - started)
+            log.info(
+                "spool %s: %s %d messages, %d recipients to deliver (%.1fs)",
+                self.spool.path,
+                what,
+                messages,
+                recipients,
+                time.monotonic() - started,
+            )
 
         task = asyncio.create_task(run(), name="recovery")
         self._recoveries.add(task)
@@ -151,16 +171,23 @@ class Relay:
         """
         started = time.time()
         self.spool.open()
-        listener_context(self.config)   # a bad certificate stops the start here
+        listener_context(self.config)  # a bad certificate stops the start here
         for key, suspension in self.suspensions.load().items():
-            log.info("lane %s stays suspended for %.0fs: %s", key,
-                     suspension.until - time.time(), suspension.reason)
+            log.info(
+                "lane %s stays suspended for %.0fs: %s",
+                key,
+                suspension.until - time.time(),
+                suspension.reason,
+            )
             destination = self.router.destination_for_key(key)
-            if destination is not None:   # created now: paused before any mail routes
+            if destination is not None:  # created now: paused before any mail routes
                 self.dispatcher.lane(destination)
-        self.admin = await start_admin(self)   # up first: /readyz says what is missing
-        log.info("admin API and metrics on http://%s:%d/", self.config.admin.address,
-                 self.config.admin.port)
+        self.admin = await start_admin(self)  # up first: /readyz says what is missing
+        log.info(
+            "admin API and metrics on http://%s:%d/",
+            self.config.admin.address,
+            self.config.admin.port,
+        )
         self.listeners = ListenerProcess(self.config, self, self._listener_lost)
         self._recover_in_background(started, "recovered")
         await self.listeners.start()
@@ -209,8 +236,11 @@ class Relay:
             if destination is not None:
                 lane.reconfigure(destination)
             else:
-                log.warning("provider %s is gone from the config; its queued mail drains "
-                            "under its old limits", lane.destination.provider)
+                log.warning(
+                    "provider %s is gone from the config; its queued mail drains "
+                    "under its old limits",
+                    lane.destination.provider,
+                )
         if self.listeners is not None:
             self.listeners.reconfigure(config)
         self.metrics.reload_success.set(1)
@@ -237,8 +267,11 @@ class Relay:
             idle.append(self.listeners.wait_idle())
         finished: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*idle))
         hurry: asyncio.Future[Any] = asyncio.ensure_future(urgent.wait())
-        await asyncio.wait([finished, hurry], timeout=max(0.0, deadline - time.monotonic()),
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [finished, hurry],
+            timeout=max(0.0, deadline - time.monotonic()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
         if urgent.is_set():
             log.warning("second signal: stopping now; acknowledged mail is on disk")
         finished.cancel()
@@ -252,8 +285,9 @@ class Relay:
             await self.admin.cleanup()
         log.info("stopped; %d messages remain in the spool", self.spool.messages)
 
-    async def run(self, stop: asyncio.Event, urgent: asyncio.Event | None = None,
-                  grace: float = DEFAULT_GRACE) -> None:
+    async def run(
+        self, stop: asyncio.Event, urgent: asyncio.Event | None = None, grace: float = DEFAULT_GRACE
+    ) -> None:
         scheduler = asyncio.create_task(self.scheduler.run(), name="scheduler")
         try:
             await self.start()

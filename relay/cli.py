@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(_config_path(args))
     logs.setup(args.log_format, args.log_level)
-    _raise_file_limit()    # the listener process inherits it
+    _raise_file_limit()  # the listener process inherits it
 
     async def main() -> None:
         relay = Relay(config)
@@ -56,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reloads: set[asyncio.Task[list[str]]] = set()
 
         def on_stop() -> None:
-            (urgent if stop.is_set() else stop).set()   # a second signal: stop now
+            (urgent if stop.is_set() else stop).set()  # a second signal: stop now
 
         def on_hup() -> None:
             task = asyncio.get_running_loop().create_task(relay.reload())
@@ -82,23 +82,31 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{args.file}: valid")
     print(f"hostname: {config.hostname}")
     for listener in config.listeners:
-        print(f"listener {listener.name}: {listener.address}:{listener.port} tls={listener.tls} "
-              f"auth={listener.auth} class={listener.class_name} trusted="
-              f"{','.join(map(str, listener.trusted_networks)) or '-'}")
+        print(
+            f"listener {listener.name}: {listener.address}:{listener.port} tls={listener.tls} "
+            f"auth={listener.auth} class={listener.class_name} trusted="
+            f"{','.join(map(str, listener.trusted_networks)) or '-'}"
+        )
     print("classes:")
     for cls in sorted(config.classes.values(), key=lambda c: -c.priority):
-        print(f"  {cls.name}: priority={cls.priority} rate={cls.rate or '-'} "
-              f"detect={','.join(cls.detect) or '-'}")
+        print(
+            f"  {cls.name}: priority={cls.priority} rate={cls.rate or '-'} "
+            f"detect={','.join(cls.detect) or '-'}"
+        )
     print("providers:")
-    rows = [(p.name, p.shaping, ",".join(p.domains) or "-", ",".join(p.mx) or "-")
-            for p in config.providers]
+    rows = [
+        (p.name, p.shaping, ",".join(p.domains) or "-", ",".join(p.mx) or "-")
+        for p in config.providers
+    ]
     rows.append(("default", config.defaults, "(any other domain, one queue each)", "-"))
     for name, s, domains, mx in rows:
         route = f" route={s.route[0]}:{s.route[1]}" if s.route else ""
-        print(f"  {name}: domains={domains} mx={mx} max_connections={s.max_connections} "
-              f"max_messages_per_connection={s.max_messages_per_connection} "
-              f"max_recipients_per_message={s.max_recipients_per_message} "
-              f"rate={s.rate or '-'} tls={s.tls} rules={len(s.rules)}{route}")
+        print(
+            f"  {name}: domains={domains} mx={mx} max_connections={s.max_connections} "
+            f"max_messages_per_connection={s.max_messages_per_connection} "
+            f"max_recipients_per_message={s.max_recipients_per_message} "
+            f"rate={s.rate or '-'} tls={s.tls} rules={len(s.rules)}{route}"
+        )
     print("queues (class, provider):")
     for class_name in sorted(config.classes, key=lambda c: -config.classes[c].priority):
         print("  " + "  ".join(f"({class_name}, {name})" for name, *_ in rows))
@@ -128,14 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the daemon")
-    serve.add_argument("-c", "--config", help=f"YAML file (default: $RELAY_CONFIG or "
-                       f"{DEFAULT_CONFIG})")
+    serve.add_argument(
+        "-c", "--config", help=f"YAML file (default: $RELAY_CONFIG or {DEFAULT_CONFIG})"
+    )
     serve.add_argument("--log-format", choices=("text", "json"), default="text")
-    serve.add_argument("--log-level", default="INFO",
-                       choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    serve.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
-                       help="on SIGTERM, time for sessions and deliveries in flight to finish "
-                       "(default 30; a second signal stops at once)")
+    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, time for sessions and deliveries in flight to finish "
+        "(default 30; a second signal stops at once)",
+    )
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check-config", help="validate a config and show what it resolves to")
     check.add_argument("file")

@@ -37,22 +37,42 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.received = Counter("relay_messages_received", "Messages accepted (250) from clients",
-                                ["account", "class"], registry=r)
-        self.rejected = Counter("relay_messages_rejected", "Submissions refused, by reason",
-                                ["reason"], registry=r)
-        self.deliveries = Counter("relay_deliveries", "Recipient outcomes of delivery attempts",
-                                  ["provider", "class", "outcome"], registry=r)
-        self.replies = Counter("relay_smtp_replies", "Replies received from destinations",
-                               ["provider", "code"], registry=r)
+        self.received = Counter(
+            "relay_messages_received",
+            "Messages accepted (250) from clients",
+            ["account", "class"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "relay_messages_rejected", "Submissions refused, by reason", ["reason"], registry=r
+        )
+        self.deliveries = Counter(
+            "relay_deliveries",
+            "Recipient outcomes of delivery attempts",
+            ["provider", "class", "outcome"],
+            registry=r,
+        )
+        self.replies = Counter(
+            "relay_smtp_replies",
+            "Replies received from destinations",
+            ["provider", "code"],
+            registry=r,
+        )
         self.delay = Histogram(
-            "relay_delivery_delay_seconds", "Receipt to final outcome, per recipient",
-            ["provider", "class"], registry=r,
-            buckets=(0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400))
-        self.connections = Gauge("relay_connections_open", "Open outbound connections",
-                                 ["provider"], registry=r)
-        self.reload_success = Gauge("relay_config_reload_success",
-                                    "1 if the last configuration (re)load succeeded", registry=r)
+            "relay_delivery_delay_seconds",
+            "Receipt to final outcome, per recipient",
+            ["provider", "class"],
+            registry=r,
+            buckets=(0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400),
+        )
+        self.connections = Gauge(
+            "relay_connections_open", "Open outbound connections", ["provider"], registry=r
+        )
+        self.reload_success = Gauge(
+            "relay_config_reload_success",
+            "1 if the last configuration (re)load succeeded",
+            registry=r,
+        )
         self.reload_success.set(1)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
@@ -64,9 +84,14 @@ class Metrics:
 class StateCollector(Collector):
     """Queue depth, oldest age, suspensions and spool size, read at scrape time."""
 
-    def __init__(self, stats: QueueStats, lanes: Callable[[], Iterable[LaneView]],
-                 providers: Callable[[], list[str]], classes: Callable[[], list[str]],
-                 spool: Callable[[], tuple[int, int, int]]) -> None:
+    def __init__(
+        self,
+        stats: QueueStats,
+        lanes: Callable[[], Iterable[LaneView]],
+        providers: Callable[[], list[str]],
+        classes: Callable[[], list[str]],
+        spool: Callable[[], tuple[int, int, int]],
+    ) -> None:
         self._stats = stats
         self._lanes = lanes
         self._providers = providers
@@ -98,27 +123,33 @@ class StateCollector(Collector):
             else:
                 continue
             depth[(provider, class_name, state)] += count
-        family = GaugeMetricFamily("relay_queue_depth", "Recipients waiting",
-                                   labels=["provider", "class", "state"])
+        family = GaugeMetricFamily(
+            "relay_queue_depth", "Recipients waiting", labels=["provider", "class", "state"]
+        )
         for labels, value in sorted(depth.items()):
             family.add_metric(list(labels), value)
         yield family
-        oldest = GaugeMetricFamily("relay_queue_oldest_age_seconds",
-                                   "Age of the oldest message waiting in the queue",
-                                   labels=["provider", "class"])
+        oldest = GaugeMetricFamily(
+            "relay_queue_oldest_age_seconds",
+            "Age of the oldest message waiting in the queue",
+            labels=["provider", "class"],
+        )
         ages = {(provider, class_name): 0.0 for provider, class_name, _ in depth}
         ages.update(self._stats.oldest_ages(time.time()))
         for (provider, class_name), age in sorted(ages.items()):
             oldest.add_metric([provider, class_name], age)
         yield oldest
-        family = GaugeMetricFamily("relay_provider_suspended", "1 while a provider is suspended",
-                                   labels=["provider"])
+        family = GaugeMetricFamily(
+            "relay_provider_suspended", "1 while a provider is suspended", labels=["provider"]
+        )
         for provider, value in sorted(suspended.items()):
             family.add_metric([provider], value)
         yield family
         messages, size, quarantined = self._spool()
         yield GaugeMetricFamily("relay_spool_messages", "Messages in the spool", value=messages)
         yield GaugeMetricFamily("relay_spool_bytes", "Bytes of messages in the spool", value=size)
-        yield CounterMetricFamily("relay_spool_quarantined",
-                                  "Damaged spool entries moved aside at startup",
-                                  value=quarantined)
+        yield CounterMetricFamily(
+            "relay_spool_quarantined",
+            "Damaged spool entries moved aside at startup",
+            value=quarantined,
+        )

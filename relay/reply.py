@@ -24,7 +24,7 @@ class Reply:
     code: int
     enhanced: str
     text: str
-    remote: bool = field(default=True, compare=False)   # False: made up here, not by a server
+    remote: bool = field(default=True, compare=False)  # False: made up here, not by a server
 
     @classmethod
     def parse(cls, code: int, message: str) -> Reply:

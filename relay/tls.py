@@ -35,8 +35,9 @@ def load_into(context: ssl.SSLContext, cert: str, key: str) -> None:
             f"tls.cert/tls.key: {cert} and {key} cannot be used together: {exc.reason}"
         ) from exc
     except OSError as exc:
-        raise TlsSetupError(f"tls.cert/tls.key: cannot read {cert} or {key}: "
-                            f"{exc.strerror}") from exc
+        raise TlsSetupError(
+            f"tls.cert/tls.key: cannot read {cert} or {key}: {exc.strerror}"
+        ) from exc
 
 
 def certificate_files(tls: TlsConfig, spool_path: str, hostname: str) -> tuple[str, str]:
@@ -47,12 +48,16 @@ def certificate_files(tls: TlsConfig, spool_path: str, hostname: str) -> tuple[s
         key = os.path.join(spool_path, "tls", "self-signed.key")
         if not (os.path.exists(cert) and os.path.exists(key)):
             _make_self_signed(cert, key, hostname)
-        log.warning("using a self-signed certificate (%s); clients cannot verify it: "
-                    "set tls.cert and tls.key for production", cert)
+        log.warning(
+            "using a self-signed certificate (%s); clients cannot verify it: "
+            "set tls.cert and tls.key for production",
+            cert,
+        )
     for path, what in ((cert, "tls.cert"), (key, "tls.key")):
         if not os.path.exists(path):
             raise TlsSetupError(
-                f"{what}: {path} does not exist (set tls.self_signed: true for a local trial)")
+                f"{what}: {path} does not exist (set tls.self_signed: true for a local trial)"
+            )
         if not os.access(path, os.R_OK):
             raise TlsSetupError(f"{what}: {path} is not readable by this user")
     return cert, key
@@ -70,7 +75,9 @@ def _make_self_signed(cert_path: str, key_path: str, hostname: str) -> None:
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
@@ -79,9 +86,13 @@ def _make_self_signed(cert_path: str, key_path: str, hostname: str) -> None:
     )
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+        handle.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
     with open(cert_path, "wb") as handle:
         handle.write(certificate.public_bytes(serialization.Encoding.PEM))
 

@@ -37,8 +37,9 @@ def mx_farm() -> Iterator[MxFarm]:
 
 
 @pytest.fixture
-def relay_factory(tmp_path: Path, dns_server: DnsServer, mx_farm: MxFarm,
-                  password_hash: str) -> Iterator[Callable[..., RelayProcess]]:
+def relay_factory(
+    tmp_path: Path, dns_server: DnsServer, mx_farm: MxFarm, password_hash: str
+) -> Iterator[Callable[..., RelayProcess]]:
     """Build (and later stop) relays; keyword arguments are merged into the test config."""
     started: list[RelayProcess] = []
 

@@ -22,7 +22,7 @@ class DnsServer:
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
         self._records: dict[tuple[str, str], tuple[int, list[str]]] = {}
-        self._names: set[str] = set()     # names with any record: NODATA, not NXDOMAIN
+        self._names: set[str] = set()  # names with any record: NODATA, not NXDOMAIN
         self._servfail: set[str] = set()
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -89,8 +89,11 @@ class DnsServer:
             known = name in self._names
         if found:
             ttl, values = found
-            response.answer.append(dns.rrset.from_text_list(
-                question.name, ttl, dns.rdataclass.IN, question.rdtype, values))
+            response.answer.append(
+                dns.rrset.from_text_list(
+                    question.name, ttl, dns.rdataclass.IN, question.rdtype, values
+                )
+            )
         elif not known:
             response.set_rcode(dns.rcode.NXDOMAIN)
         return response

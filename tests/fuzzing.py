@@ -15,18 +15,55 @@ import socket
 from hypothesis import strategies as st
 
 COMMANDS = [
-    b"EHLO fuzz.test\r\n", b"HELO fuzz.test\r\n", b"MAIL FROM:<app@example.org>\r\n",
+    b"EHLO fuzz.test\r\n",
+    b"HELO fuzz.test\r\n",
+    b"MAIL FROM:<app@example.org>\r\n",
     b"MAIL FROM:<app@example.org> SIZE=100 BODY=8BITMIME SMTPUTF8\r\n",
-    b"MAIL FROM:<app@example.org> RET=HDRS ENVID=a+2Bb\r\n", b"MAIL FROM:<>\r\n",
-    b"RCPT TO:<a@example.test>\r\n", b"RCPT TO:<b@example.test> NOTIFY=FAILURE,DELAY\r\n",
-    b"RCPT TO:<c@example.test> ORCPT=rfc822;c@example.test\r\n", b"DATA\r\n",
-    b"Subject: fuzz\r\n\r\nbody\r\n", b".\r\n", b"\r\n.\r\n", b"..\r\n", b"RSET\r\n",
-    b"NOOP\r\n", b"VRFY a\r\n", b"EXPN b\r\n", b"HELP\r\n", b"STARTTLS\r\n",
-    b"AUTH PLAIN " + base64.b64encode(b"\0app\0wrong") + b"\r\n", b"AUTH LOGIN\r\n",
-    b"AUTH PLAIN\r\n", b"*\r\n", b"BDAT 5 LAST\r\n", b"QUIT\r\n",
+    b"MAIL FROM:<app@example.org> RET=HDRS ENVID=a+2Bb\r\n",
+    b"MAIL FROM:<>\r\n",
+    b"RCPT TO:<a@example.test>\r\n",
+    b"RCPT TO:<b@example.test> NOTIFY=FAILURE,DELAY\r\n",
+    b"RCPT TO:<c@example.test> ORCPT=rfc822;c@example.test\r\n",
+    b"DATA\r\n",
+    b"Subject: fuzz\r\n\r\nbody\r\n",
+    b".\r\n",
+    b"\r\n.\r\n",
+    b"..\r\n",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b"VRFY a\r\n",
+    b"EXPN b\r\n",
+    b"HELP\r\n",
+    b"STARTTLS\r\n",
+    b"AUTH PLAIN " + base64.b64encode(b"\0app\0wrong") + b"\r\n",
+    b"AUTH LOGIN\r\n",
+    b"AUTH PLAIN\r\n",
+    b"*\r\n",
+    b"BDAT 5 LAST\r\n",
+    b"QUIT\r\n",
 ]
-FRAGMENTS = [b"\r", b"\n", b"\r\n", b".", b"\x00", b"<", b">", b":", b"@", b" ", b"=",
-             b"\xff", b"\xc3\xa9", b"MAIL", b"RCPT", b"FROM:", b"TO:", b"%", b'"', b"\\"]
+FRAGMENTS = [
+    b"\r",
+    b"\n",
+    b"\r\n",
+    b".",
+    b"\x00",
+    b"<",
+    b">",
+    b":",
+    b"@",
+    b" ",
+    b"=",
+    b"\xff",
+    b"\xc3\xa9",
+    b"MAIL",
+    b"RCPT",
+    b"FROM:",
+    b"TO:",
+    b"%",
+    b'"',
+    b"\\",
+]
 
 chunks = st.one_of(
     st.sampled_from(COMMANDS),
@@ -67,8 +104,11 @@ def healthy(port: int) -> bool:
 
         if not reply().startswith(b"220"):
             return False
-        for command, expect in ((b"EHLO ok.test\r\n", b"250"), (b"NOOP\r\n", b"250"),
-                                (b"QUIT\r\n", b"221")):
+        for command, expect in (
+            (b"EHLO ok.test\r\n", b"250"),
+            (b"NOOP\r\n", b"250"),
+            (b"QUIT\r\n", b"221"),
+        ):
             sock.sendall(command)
             if not reply().startswith(expect):
                 return False

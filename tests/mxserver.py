@@ -31,8 +31,9 @@ class Received:
 class MxServer:
     """One destination host. Hooks return a reply line to refuse, or None to accept."""
 
-    def __init__(self, farm: MxFarm, host: str, port: int,
-                 tls_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, farm: MxFarm, host: str, port: int, tls_context: ssl.SSLContext | None = None
+    ) -> None:
         self.farm = farm
         self.tls_context = tls_context
         self.host = host
@@ -46,7 +47,7 @@ class MxServer:
         self.mail_hook: Callable[[str], str | None] = lambda sender: None
         self.rcpt_hook: Callable[[str], str | None] = lambda address: None
         self.data_hook: Callable[[Received], str | None] = lambda message: None
-        self.greeting: str | None = None       # e.g. "421 4.3.2 busy": refuse at connect
+        self.greeting: str | None = None  # e.g. "421 4.3.2 busy": refuse at connect
         self._server: asyncio.Server | None = None
 
     # called in the farm's loop
@@ -54,7 +55,8 @@ class MxServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Protocol(self), host=self.host, port=self.port, reuse_address=True)
+            lambda: _Protocol(self), host=self.host, port=self.port, reuse_address=True
+        )
 
     async def close(self) -> None:
         if self._server is not None:
@@ -91,7 +93,8 @@ class MxServer:
 
     def wait_messages(self, count: int, timeout: float = 20) -> list[Received]:
         assert self.wait_for(lambda: len(self.messages) >= count, timeout), (
-            f"{self.host}: {len(self.messages)} messages after {timeout}s, expected {count}")
+            f"{self.host}: {len(self.messages)} messages after {timeout}s, expected {count}"
+        )
         return list(self.messages)
 
     def recipients(self) -> list[str]:
@@ -104,8 +107,9 @@ class _Handler:
         self.server = server
         self.conn = conn
 
-    async def handle_MAIL(self, smtp: SMTP, session: Session, envelope: Envelope,
-                          address: str, options: list[str]) -> str:
+    async def handle_MAIL(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         refusal = self.server.mail_hook(address)
         if refusal:
             return refusal
@@ -113,8 +117,9 @@ class _Handler:
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
 
-    async def handle_RCPT(self, smtp: SMTP, session: Session, envelope: Envelope,
-                          address: str, options: list[str]) -> str:
+    async def handle_RCPT(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         refusal = self.server.rcpt_hook(address)
         if refusal:
             return refusal
@@ -122,9 +127,14 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
-        message = Received(self.conn, envelope.mail_from, list(envelope.rcpt_tos),
-                           envelope.original_content or b"", list(envelope.mail_options),
-                           tls=session.ssl is not None)
+        message = Received(
+            self.conn,
+            envelope.mail_from,
+            list(envelope.rcpt_tos),
+            envelope.original_content or b"",
+            list(envelope.mail_options),
+            tls=session.ssl is not None,
+        )
         refusal = self.server.data_hook(message)
         if refusal:
             return refusal
@@ -136,8 +146,12 @@ class _Protocol(SMTP):
     def __init__(self, server: MxServer) -> None:
         self.conn = server._opened()
         self.mx = server
-        super().__init__(_Handler(server, self.conn), hostname=f"mx-{server.host}",
-                         enable_SMTPUTF8=True, tls_context=server.tls_context)
+        super().__init__(
+            _Handler(server, self.conn),
+            hostname=f"mx-{server.host}",
+            enable_SMTPUTF8=True,
+            tls_context=server.tls_context,
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.mx.greeting and self.transport is None:

@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 ORANGE_OFR_506 = "550 5.2.0 Mail rejete. Mail rejected. ofr_506"
 LAPOSTE_BUSY = "421 4.3.2 All server ports are busy"
-LAPOSTE_LATER = ("550 5.5.0 Service refuse. Veuillez essayer plus tard. service refused, "
-                 "please try later. LPN007_510")
+LAPOSTE_LATER = (
+    "550 5.5.0 Service refuse. Veuillez essayer plus tard. service refused, "
+    "please try later. LPN007_510"
+)
 FREE_TOO_MANY_ERRORS = "451 too many errors from your ip"
 FACEBOOK_POL_P4 = "554 5.7.1 POL-P4 Connection refused"
 MAILBOX_FULL = "452 4.2.2 Mailbox full"

@@ -38,8 +38,7 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 class RelayProcess:
-    def __init__(self, workdir: Path, config: dict[str, Any],
-                 args: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any], args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.args = args
         self.config = config
@@ -54,14 +53,19 @@ class RelayProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), timeout=0.5) as sock:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock,
+            ):
                 if sock.recv(64).startswith(b"220"):
                     return self
             time.sleep(0.05)  # the listener is not up yet: nothing to wait on but the port
@@ -131,28 +135,54 @@ class RelayProcess:
             return reply.decode().rsplit(" ", 1)[-1]
 
 
-def make_message(subject: str, body: str = "Hello.\r\n", headers: str = "",
-                 sender: str = "app@example.org", to: str = "x@example.test") -> bytes:
-    return (f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n{headers}\r\n{body}"
-            ).encode()
+def make_message(
+    subject: str,
+    body: str = "Hello.\r\n",
+    headers: str = "",
+    sender: str = "app@example.org",
+    to: str = "x@example.test",
+) -> bytes:
+    return (f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n{headers}\r\n{body}").encode()
 
 
-def base_config(workdir: Path, dns_port: int, delivery_port: int, password_hash: str,
-                **extra: Any) -> dict[str, Any]:
+def base_config(
+    workdir: Path, dns_port: int, delivery_port: int, password_hash: str, **extra: Any
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "hostname": "relay.test",
-        "listeners": [{"name": "submission", "address": "127.0.0.1", "port": free_port(),
-                       "tls": "starttls", "auth": "required", "class": "transactional",
-                       "trusted_networks": []}],
-        "tls": {"self_signed": True, "cert": str(workdir / "none.pem"),
-                "key": str(workdir / "none.key")},
+        "listeners": [
+            {
+                "name": "submission",
+                "address": "127.0.0.1",
+                "port": free_port(),
+                "tls": "starttls",
+                "auth": "required",
+                "class": "transactional",
+                "trusted_networks": [],
+            }
+        ],
+        "tls": {
+            "self_signed": True,
+            "cert": str(workdir / "none.pem"),
+            "key": str(workdir / "none.key"),
+        },
         "spool": {"path": str(workdir / "spool")},
         "admin": {"address": "127.0.0.1", "port": free_port()},
         "dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "2s"},
-        "accounts": [{"name": "app", "password": password_hash,
-                      "senders": ["*@example.org"], "class": "transactional"}],
-        "delivery": {"port": delivery_port, "connect_timeout": "2s", "command_timeout": "10s",
-                     "idle_connection_timeout": "2s"},
+        "accounts": [
+            {
+                "name": "app",
+                "password": password_hash,
+                "senders": ["*@example.org"],
+                "class": "transactional",
+            }
+        ],
+        "delivery": {
+            "port": delivery_port,
+            "connect_timeout": "2s",
+            "command_timeout": "10s",
+            "idle_connection_timeout": "2s",
+        },
         "retry": {"initial": "1s", "max": "2s", "lifetime": "1h"},
     }
     return deep_merge(config, extra)

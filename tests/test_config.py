@@ -14,14 +14,22 @@ from relay.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_relay(*args: str, stdin: str | None = None,
-              cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "relay", *args], input=stdin,
-                          capture_output=True, text=True, timeout=60, cwd=cwd)
+def run_relay(
+    *args: str, stdin: str | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("4h", 14400),
-                                                ("5d", 432000), (12, 12)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30), ("5m", 300), ("4h", 14400), ("5d", 432000), (12, 12)]
+)
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -40,22 +48,26 @@ def test_rates():
 
 def test_every_problem_named_by_key_path():
     with pytest.raises(ConfigError) as err:
-        parse_config({
-            "providers": {"orange": {"domains": ["orange.fr"], "rate": "lots", "colour": 1}},
-            "limits": {"max_message_size": "huge"},
-            "retry": {"initial": "2h", "max": "1h"},
-            "accounts": [{"name": "a", "password": "hunter2", "senders": ["*@x.org"]}],
-            "listeners": [{"name": "s", "tls": "sometimes", "class": "vip"}],
-        })
+        parse_config(
+            {
+                "providers": {"orange": {"domains": ["orange.fr"], "rate": "lots", "colour": 1}},
+                "limits": {"max_message_size": "huge"},
+                "retry": {"initial": "2h", "max": "1h"},
+                "accounts": [{"name": "a", "password": "hunter2", "senders": ["*@x.org"]}],
+                "listeners": [{"name": "s", "tls": "sometimes", "class": "vip"}],
+            }
+        )
     problems = err.value.problems
     assert 'providers.orange.rate: expected "N/unit" like "300/min", got \'lots\'' in problems
     assert "providers.orange.colour: unknown key" in problems
     assert any(p.startswith("limits.max_message_size: expected a size") for p in problems)
     assert any(p.startswith("retry.max: must be at least retry.initial") for p in problems)
-    assert any(p.startswith("accounts[0].password: plaintext passwords are refused")
-               for p in problems)
-    assert any(p.startswith("listeners[0].tls: expected one of none, starttls, implicit")
-               for p in problems)
+    assert any(
+        p.startswith("accounts[0].password: plaintext passwords are refused") for p in problems
+    )
+    assert any(
+        p.startswith("listeners[0].tls: expected one of none, starttls, implicit") for p in problems
+    )
     assert any(p.startswith("listeners[0].class: unknown class 'vip'") for p in problems)
 
 
@@ -69,11 +81,18 @@ def test_environment_substitution(monkeypatch):
 
 
 def test_providers_inherit_defaults_and_rules_compile():
-    config = parse_config({
-        "defaults": {"max_connections": 7, "rate": "10/s"},
-        "providers": {"p": {"domains": ["p.test"], "max_connections": 2,
-                            "rules": [{"match": "ofr_506", "action": "suspend", "for": "30m"}]}},
-    })
+    config = parse_config(
+        {
+            "defaults": {"max_connections": 7, "rate": "10/s"},
+            "providers": {
+                "p": {
+                    "domains": ["p.test"],
+                    "max_connections": 2,
+                    "rules": [{"match": "ofr_506", "action": "suspend", "for": "30m"}],
+                }
+            },
+        }
+    )
     [provider] = config.providers
     assert provider.shaping.max_connections == 2
     assert provider.shaping.rate is not None and provider.shaping.rate.text == "10/s"
@@ -82,9 +101,14 @@ def test_providers_inherit_defaults_and_rules_compile():
 
 
 def test_rule_needs_duration_for_suspend():
-    with pytest.raises(ConfigError, match=r'providers.p.rules\[0\].for: is required'):
-        parse_config({"providers": {"p": {"domains": ["p.test"],
-                                          "rules": [{"match": "x", "action": "suspend"}]}}})
+    with pytest.raises(ConfigError, match=r"providers.p.rules\[0\].for: is required"):
+        parse_config(
+            {
+                "providers": {
+                    "p": {"domains": ["p.test"], "rules": [{"match": "x", "action": "suspend"}]}
+                }
+            }
+        )
 
 
 def test_shipped_config_is_valid():
@@ -116,7 +140,8 @@ def test_serve_without_certificate_says_so_in_one_line(tmp_path):
     config.write_text(
         f"listeners: [{{name: s, address: 127.0.0.1, port: 0}}]\n"
         f"tls: {{cert: {tmp_path}/missing.pem, key: {tmp_path}/missing.key}}\n"
-        f"spool: {{path: {tmp_path}/spool}}\n")
+        f"spool: {{path: {tmp_path}/spool}}\n"
+    )
     result = run_relay("serve", "-c", str(config))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr

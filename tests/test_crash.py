@@ -15,12 +15,11 @@ from tests.test_operations import scrape
 ROUNDS = 20
 
 
-def test_kill_9_during_submission_loses_no_acknowledged_message(relay_factory, dns_server,
-                                                                 mx_farm):
+def test_kill_9_during_submission_loses_no_acknowledged_message(relay_factory, dns_server, mx_farm):
     dns_server.add("sink.test", "A", "127.0.0.2")
     mx = mx_farm.server("127.0.0.2")
     relay = relay_factory(defaults={"max_connections": 4})
-    load = Load(relay, "kill", clients=10, per_client=100).start()   # 1,000 messages
+    load = Load(relay, "kill", clients=10, per_client=100).start()  # 1,000 messages
     assert load.wait_acked(300), f"only {len(load.acked)} messages acknowledged"
     relay.kill()
     acknowledged = load.stop()
@@ -32,8 +31,9 @@ def test_kill_9_during_submission_loses_no_acknowledged_message(relay_factory, d
     duplicates = sum(c - 1 for c in counts.values() if c > 1)
     # At-least-once: only deliveries in flight at the kill may repeat (≤ one per connection).
     assert duplicates <= 4, f"{duplicates} duplicates"
-    print(f"\nacknowledged={len(acknowledged)} delivered={len(counts)} lost=0 "
-          f"duplicates={duplicates}")
+    print(
+        f"\nacknowledged={len(acknowledged)} delivered={len(counts)} lost=0 duplicates={duplicates}"
+    )
 
 
 def test_crash_loop(relay_factory, dns_server, mx_farm, example_org):
@@ -47,8 +47,13 @@ def test_crash_loop(relay_factory, dns_server, mx_farm, example_org):
     expected: set[str] = set()
     for round_number in range(ROUNDS):
         relay.start()
-        load = Load(relay, f"r{round_number}", recipients=lambda n, i: [
-            f"user{n}@sink.test"] + (["gone@sink.test"] if i % 5 == 0 else [])).start()
+        load = Load(
+            relay,
+            f"r{round_number}",
+            recipients=lambda n, i: (
+                [f"user{n}@sink.test"] + (["gone@sink.test"] if i % 5 == 0 else [])
+            ),
+        ).start()
         # the random moment of the kill: this sleep chooses it, it waits for nothing
         time.sleep(rng.uniform(0.2, 1.2))
         relay.kill()
@@ -59,7 +64,7 @@ def test_crash_loop(relay_factory, dns_server, mx_farm, example_org):
     lost = expected - set(counts)
     assert not lost, f"{len(lost)} acknowledged messages lost, e.g. {sorted(lost)[:3]}"
     assert max(counts.values()) <= 2, "a message was delivered more than twice"
-    for received in list(mx.messages):      # nothing half-written was ever delivered
+    for received in list(mx.messages):  # nothing half-written was ever delivered
         message_id = MESSAGE_ID.search(received.data).group(1).decode()
         assert received.data.endswith(f"END {message_id}\r\n".encode()), message_id
     for dsn in list(example_org.messages):  # nor a half-written DSN
@@ -67,8 +72,10 @@ def test_crash_loop(relay_factory, dns_server, mx_farm, example_org):
         assert parsed.get_content_type() == "multipart/report"
         assert len(list(parsed.iter_parts())) == 3
     duplicates = sum(c - 1 for c in counts.values())
-    print(f"\ncrash loop: {ROUNDS} kills, {len(expected)} acknowledged, {len(counts)} "
-          f"delivered, lost=0, delivered twice={duplicates}, DSNs={len(example_org.messages)}")
+    print(
+        f"\ncrash loop: {ROUNDS} kills, {len(expected)} acknowledged, {len(counts)} "
+        f"delivered, lost=0, delivered twice={duplicates}, DSNs={len(example_org.messages)}"
+    )
 
 
 def test_damaged_spool_entries_are_quarantined_at_startup(relay_factory, dns_server, mx_farm):
@@ -81,7 +88,7 @@ def test_damaged_spool_entries_are_quarantined_at_startup(relay_factory, dns_ser
     relay.kill()
     spool = Path(relay.workdir) / "spool"
     damaged = next(spool.rglob(bad))
-    damaged.write_bytes(damaged.read_bytes()[:-20])          # truncated body
+    damaged.write_bytes(damaged.read_bytes()[:-20])  # truncated body
     garbage = damaged.parent / "27ZZZZZZZZZZZZZ"
     garbage.write_bytes(b"\x00\xffnot a spool file")
     mx.rcpt_hook = lambda a: None
@@ -90,8 +97,7 @@ def test_damaged_spool_entries_are_quarantined_at_startup(relay_factory, dns_ser
     assert delivered.rcpt_tos == ["a@sink.test"] and good.encode() in delivered.data
     # the damaged message goes with its progress log, if its first attempt left one
     quarantined = sorted(p.name for p in (spool / "quarantine").iterdir())
-    assert [name for name in quarantined if not name.endswith(".st")] == sorted(
-        [bad, garbage.name])
+    assert [name for name in quarantined if not name.endswith(".st")] == sorted([bad, garbage.name])
     assert [name for name in quarantined if name.endswith(".st")] in ([], [f"{bad}.st"])
     assert scrape(relay)["relay_spool_quarantined_total"][()] == 2
     assert f"spool: quarantined {bad}" in relay.log()

@@ -16,7 +16,7 @@ def run(wire: bytes, limit: int = 1 << 20, chunk: int | None = None) -> tuple[by
         reader = asyncio.StreamReader()
         step = chunk or len(wire) or 1
         for start in range(0, len(wire), step):
-            reader.feed_data(wire[start:start + step])
+            reader.feed_data(wire[start : start + step])
         reader.feed_eof()
         result = await read_data(reader, limit, lambda: None)
         return result.content, result.too_large, await reader.read()
@@ -30,7 +30,7 @@ def test_terminator_and_transparency_across_chunk_boundaries(chunk):
     content, too_large, rest = run(wire, chunk=chunk)
     assert content == b"Subject: x\r\n\r\n.dot\r\n"
     assert not too_large
-    assert rest == b"MAIL FROM:<a@b.c>\r\n"     # pipelined command given back
+    assert rest == b"MAIL FROM:<a@b.c>\r\n"  # pipelined command given back
 
 
 def test_empty_message():

@@ -11,12 +11,21 @@ from pathlib import Path
 import yaml
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-EXPORTED = {   # SPEC §8, as exported (counters with _total, the histogram's series)
-    "relay_queue_depth", "relay_queue_oldest_age_seconds", "relay_messages_received_total",
-    "relay_messages_rejected_total", "relay_deliveries_total", "relay_smtp_replies_total",
-    "relay_delivery_delay_seconds_bucket", "relay_delivery_delay_seconds_sum",
-    "relay_delivery_delay_seconds_count", "relay_connections_open", "relay_provider_suspended",
-    "relay_spool_messages", "relay_spool_bytes", "relay_config_reload_success",
+EXPORTED = {  # SPEC §8, as exported (counters with _total, the histogram's series)
+    "relay_queue_depth",
+    "relay_queue_oldest_age_seconds",
+    "relay_messages_received_total",
+    "relay_messages_rejected_total",
+    "relay_deliveries_total",
+    "relay_smtp_replies_total",
+    "relay_delivery_delay_seconds_bucket",
+    "relay_delivery_delay_seconds_sum",
+    "relay_delivery_delay_seconds_count",
+    "relay_connections_open",
+    "relay_provider_suspended",
+    "relay_spool_messages",
+    "relay_spool_bytes",
+    "relay_config_reload_success",
 }
 
 
@@ -27,16 +36,24 @@ def promtool() -> str:
 
 
 def test_rules_are_valid():
-    result = subprocess.run([promtool(), "check", "rules", "relay-alerts.yml"],
-                            cwd=DEPLOY / "prometheus", capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [promtool(), "check", "rules", "relay-alerts.yml"],
+        cwd=DEPLOY / "prometheus",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_rules_unit_tests_pass():
-    result = subprocess.run([promtool(), "test", "rules", "relay-alerts.test.yml"],
-                            cwd=DEPLOY / "prometheus", capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [promtool(), "test", "rules", "relay-alerts.test.yml"],
+        cwd=DEPLOY / "prometheus",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

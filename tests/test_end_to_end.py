@@ -16,8 +16,9 @@ def _dsn_parts(data: bytes) -> tuple[email.message.EmailMessage, list[dict[str, 
     message = email.message_from_bytes(data, policy=email.policy.default)
     assert message.get_content_type() == "multipart/report"
     assert message.get_param("report-type") == "delivery-status"
-    status = next(p for p in message.iter_parts()
-                  if p.get_content_type() == "message/delivery-status")
+    status = next(
+        p for p in message.iter_parts() if p.get_content_type() == "message/delivery-status"
+    )
     blocks = [dict(b.items()) for b in status.get_payload()]
     return message, blocks[1:]
 
@@ -28,31 +29,43 @@ def test_delivers_with_headers_intact(relay_factory, dns_server, mx_farm):
     mx = mx_farm.server("127.0.0.2")
     relay = relay_factory()
     body = "Line one\r\n.leading dot stays\r\n..two dots\r\nCaf\u00e9 \u2615\r\n"
-    queue_id = relay.send("app@example.org", ["bob@example.test"],
-                          make_message("Greetings", body, "X-Custom: kept\r\n").replace(
-                              b"Hello.", b"").decode("utf-8").encode("utf-8"))
+    queue_id = relay.send(
+        "app@example.org",
+        ["bob@example.test"],
+        make_message("Greetings", body, "X-Custom: kept\r\n")
+        .replace(b"Hello.", b"")
+        .decode("utf-8")
+        .encode("utf-8"),
+    )
     [received] = mx.wait_messages(1)
     assert received.mail_from == "app@example.org"
     assert received.rcpt_tos == ["bob@example.test"]
     parsed = email.message_from_bytes(received.data, policy=email.policy.default)
     assert parsed["Subject"] == "Greetings"
     assert parsed["X-Custom"] == "kept"
-    assert parsed["Message-ID"] == f"<{queue_id}@relay.test>"   # added: it was missing
+    assert parsed["Message-ID"] == f"<{queue_id}@relay.test>"  # added: it was missing
     assert parsed["Date"]
     assert f"by relay.test (relay) with ESMTPSA id {queue_id}" in " ".join(
-        parsed["Received"].split())
+        parsed["Received"].split()
+    )
     assert received.data.endswith(b"\r\n\r\n" + body.encode("utf-8"))
-    relay.wait_log(f"id={queue_id} to=<bob@example.test> provider=default "
-                   "relay=mx1.example.test[127.0.0.2]")
-    assert relay.spool_files() == []   # delivered: nothing left behind
+    relay.wait_log(
+        f"id={queue_id} to=<bob@example.test> provider=default relay=mx1.example.test[127.0.0.2]"
+    )
+    assert relay.spool_files() == []  # delivered: nothing left behind
 
 
 def test_existing_message_id_and_date_are_kept(relay_factory, dns_server, mx_farm):
     dns_server.add("example.test", "A", "127.0.0.2")
     mx = mx_farm.server("127.0.0.2")
     relay = relay_factory()
-    relay.send("app@example.org", ["bob@example.test"], make_message(
-        "x", headers="Message-ID: <own@app>\r\nDate: Mon, 2 Nov 2026 10:00:00 +0000\r\n"))
+    relay.send(
+        "app@example.org",
+        ["bob@example.test"],
+        make_message(
+            "x", headers="Message-ID: <own@app>\r\nDate: Mon, 2 Nov 2026 10:00:00 +0000\r\n"
+        ),
+    )
     [received] = mx.wait_messages(1)
     parsed = email.message_from_bytes(received.data, policy=email.policy.default)
     assert parsed["Message-ID"] == "<own@app>"
@@ -77,12 +90,21 @@ def test_trusted_network_submits_without_auth(relay_factory, dns_server, mx_farm
     dns_server.add("example.test", "A", "127.0.0.2")
     dns_server.add("anywhere.test", "A", "127.0.0.2")
     mx = mx_farm.server("127.0.0.2")
-    relay = relay_factory(listeners=[{
-        "name": "local", "address": "127.0.0.1", "port": __import__(
-            "tests.relayproc", fromlist=["free_port"]).free_port(),
-        "tls": "none", "auth": "none", "trusted_networks": ["127.0.0.0/8"]}])
-    relay.send("anyone@anywhere.test", ["bob@example.test"], make_message("t"),
-               auth=False, tls=False)
+    relay = relay_factory(
+        listeners=[
+            {
+                "name": "local",
+                "address": "127.0.0.1",
+                "port": __import__("tests.relayproc", fromlist=["free_port"]).free_port(),
+                "tls": "none",
+                "auth": "none",
+                "trusted_networks": ["127.0.0.0/8"],
+            }
+        ]
+    )
+    relay.send(
+        "anyone@anywhere.test", ["bob@example.test"], make_message("t"), auth=False, tls=False
+    )
     assert mx.wait_messages(1)[0].mail_from == "anyone@anywhere.test"
 
 
@@ -100,18 +122,23 @@ def test_sender_refusals(relay_factory):
         assert code == 501
 
 
-def test_connection_and_transaction_limits_at_the_destination(relay_factory, dns_server,
-                                                              mx_farm):
+def test_connection_and_transaction_limits_at_the_destination(relay_factory, dns_server, mx_farm):
     dns_server.mx("limited.test", (10, "mx.limited.test"))
     dns_server.add("mx.limited.test", "A", "127.0.0.3")
     mx = mx_farm.server("127.0.0.3")
-    relay = relay_factory(providers={"limited": {
-        "domains": ["limited.test"], "max_connections": 2, "max_messages_per_connection": 3}})
+    relay = relay_factory(
+        providers={
+            "limited": {
+                "domains": ["limited.test"],
+                "max_connections": 2,
+                "max_messages_per_connection": 3,
+            }
+        }
+    )
     count = 30
     with relay.client() as smtp:
         for i in range(count):
-            smtp.sendmail("app@example.org", [f"user{i}@limited.test"],
-                          make_message(f"m{i}"))
+            smtp.sendmail("app@example.org", [f"user{i}@limited.test"], make_message(f"m{i}"))
     messages = mx.wait_messages(count)
     assert len(messages) == count
     assert mx.max_open <= 2
@@ -124,22 +151,30 @@ def test_recipients_grouped_per_domain_and_transaction(relay_factory, dns_server
     dns_server.add("two.test", "A", "127.0.0.5")
     one, two = mx_farm.server("127.0.0.4"), mx_farm.server("127.0.0.5")
     relay = relay_factory(defaults={"max_recipients_per_message": 2})
-    relay.send("app@example.org", [f"u{i}@one.test" for i in range(5)] + ["v@two.test"],
-               make_message("grouped"))
+    relay.send(
+        "app@example.org",
+        [f"u{i}@one.test" for i in range(5)] + ["v@two.test"],
+        make_message("grouped"),
+    )
     one.wait_for(lambda: sum(len(m.rcpt_tos) for m in one.messages) == 5)
     assert sorted(len(m.rcpt_tos) for m in one.messages) == [1, 2, 2]
     assert [m.rcpt_tos for m in two.wait_messages(1)] == [["v@two.test"]]
 
 
-def test_partial_rcpt_failure_bounces_only_the_refused(relay_factory, dns_server, mx_farm,
-                                                       example_org):
+def test_partial_rcpt_failure_bounces_only_the_refused(
+    relay_factory, dns_server, mx_farm, example_org
+):
     dns_server.add("example.test", "A", "127.0.0.2")
     mx = mx_farm.server("127.0.0.2")
-    mx.rcpt_hook = lambda a: "550 5.1.1 <nobody@example.test>: user unknown" if a.startswith(
-        "nobody") else None
+    mx.rcpt_hook = lambda a: (
+        "550 5.1.1 <nobody@example.test>: user unknown" if a.startswith("nobody") else None
+    )
     relay = relay_factory()
-    relay.send("app@example.org", ["alice@example.test", "nobody@example.test",
-                                   "carol@example.test"], make_message("partial"))
+    relay.send(
+        "app@example.org",
+        ["alice@example.test", "nobody@example.test", "carol@example.test"],
+        make_message("partial"),
+    )
     [delivered] = mx.wait_messages(1)
     assert sorted(delivered.rcpt_tos) == ["alice@example.test", "carol@example.test"]
     [dsn] = example_org.wait_messages(1)
@@ -149,8 +184,9 @@ def test_partial_rcpt_failure_bounces_only_the_refused(relay_factory, dns_server
     assert [r["Final-Recipient"] for r in recipients] == ["rfc822; nobody@example.test"]
     assert recipients[0]["Action"] == "failed"
     assert recipients[0]["Status"] == "5.1.1"
-    assert recipients[0]["Remote-MTA"] == "dns; mx.example.test" or \
-        recipients[0]["Remote-MTA"].startswith("dns; ")
+    assert recipients[0]["Remote-MTA"] == "dns; mx.example.test" or recipients[0][
+        "Remote-MTA"
+    ].startswith("dns; ")
     assert "user unknown" in recipients[0]["Diagnostic-Code"]
 
 
@@ -168,8 +204,9 @@ def test_temporary_failure_then_success(relay_factory, dns_server, mx_farm):
     queue_id = relay.send("app@example.org", ["bob@example.test"], make_message("later"))
     mx.wait_messages(1)
     log = relay.wait_log("attempt=2 dsn=2.0.0 status=delivered")
-    assert (f"id={queue_id} to=<bob@example.test> provider=default "
-            "relay=example.test[127.0.0.2]:") in log
+    assert (
+        f"id={queue_id} to=<bob@example.test> provider=default relay=example.test[127.0.0.2]:"
+    ) in log
     assert "attempt=1 dsn=4.7.1 status=deferred (451 4.7.1 Greylisted" in log
     assert "attempt=2 dsn=2.0.0 status=delivered" in log
 
@@ -185,8 +222,7 @@ def test_mailbox_full_is_retried_not_bounced(relay_factory, dns_server, mx_farm)
     assert "dsn=5.2.2 status=deferred" in relay.log()
 
 
-def test_permanent_failure_produces_parseable_dsn(relay_factory, dns_server, mx_farm,
-                                                  example_org):
+def test_permanent_failure_produces_parseable_dsn(relay_factory, dns_server, mx_farm, example_org):
     dns_server.add("example.test", "A", "127.0.0.2")
     mx = mx_farm.server("127.0.0.2")
     mx.data_hook = lambda m: "554 5.7.1 Message refused by policy"
@@ -206,7 +242,7 @@ def test_permanent_failure_produces_parseable_dsn(relay_factory, dns_server, mx_
     assert recipient["Diagnostic-Code"] == "smtp; 554 5.7.1 Message refused by policy"
     assert "Original-Envelope-Id: app-id=42" in dsn.data.decode()
     returned = [p.get_content_type() for p in message.iter_parts()]
-    assert returned[-1] == "text/rfc822-headers"   # RET=HDRS: headers only
+    assert returned[-1] == "text/rfc822-headers"  # RET=HDRS: headers only
 
 
 def test_notify_never_means_no_dsn(relay_factory, dns_server, mx_farm, example_org):
@@ -251,7 +287,7 @@ def test_implicit_mx_uses_the_domain_address(relay_factory, dns_server, mx_farm)
 
 def test_mx_preference_order_and_fallback(relay_factory, dns_server, mx_farm):
     dns_server.mx("pref.test", (20, "backup.pref.test"), (10, "primary.pref.test"))
-    dns_server.add("primary.pref.test", "A", "127.0.0.7")    # nothing listens there
+    dns_server.add("primary.pref.test", "A", "127.0.0.7")  # nothing listens there
     dns_server.add("backup.pref.test", "A", "127.0.0.8")
     backup = mx_farm.server("127.0.0.8")
     relay = relay_factory()
@@ -265,8 +301,9 @@ def test_all_mx_unreachable_defers_the_destination(relay_factory, dns_server):
     dns_server.add("mx1.down.test", "A", "127.0.0.10")
     dns_server.add("mx2.down.test", "A", "127.0.0.11")
     relay = relay_factory(retry={"initial": "30s", "max": "1m"})
-    ids = [relay.send("app@example.org", [f"u{i}@down.test"], make_message(f"d{i}"))
-           for i in range(5)]
+    ids = [
+        relay.send("app@example.org", [f"u{i}@down.test"], make_message(f"d{i}")) for i in range(5)
+    ]
     log = relay.wait_log("destination=default:down.test unreachable, queue deferred")
     relay.wait_log("status=deferred")
     # One destination-level failure holds the queue: the other messages wait without
@@ -315,9 +352,13 @@ def test_implicit_tls_listener_with_auth_login(relay_factory, dns_server, mx_far
     dns_server.add("example.test", "A", "127.0.0.2")
     mx = mx_farm.server("127.0.0.2")
     port = free_port()
-    relay = relay_factory(start=False, listeners=[
-        {"name": "submissions", "address": "127.0.0.1", "port": free_port(), "tls": "starttls"},
-        {"name": "implicit", "address": "127.0.0.1", "port": port, "tls": "implicit"}])
+    relay = relay_factory(
+        start=False,
+        listeners=[
+            {"name": "submissions", "address": "127.0.0.1", "port": free_port(), "tls": "starttls"},
+            {"name": "implicit", "address": "127.0.0.1", "port": port, "tls": "implicit"},
+        ],
+    )
     relay.start()
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -338,17 +379,19 @@ def test_provider_by_mx_pattern_and_smarthost_route(relay_factory, dns_server, m
     dns_server.add("in1.bigmail.test", "A", "127.0.0.12")
     bigmail = mx_farm.server("127.0.0.12")
     smarthost = mx_farm.server("127.0.0.13")
-    relay = relay_factory(providers={
-        "bigmail": {"mx": ["*.bigmail.test"], "max_connections": 1},
-        "partner": {"domains": ["*.partner.test"], "route": f"127.0.0.13:{mx_farm.port}"},
-    })
+    relay = relay_factory(
+        providers={
+            "bigmail": {"mx": ["*.bigmail.test"], "max_connections": 1},
+            "partner": {"domains": ["*.partner.test"], "route": f"127.0.0.13:{mx_farm.port}"},
+        }
+    )
     first = relay.send("app@example.org", ["a@hosted.test"], make_message("by mx"))
     second = relay.send("app@example.org", ["b@eu.partner.test"], make_message("routed"))
     assert bigmail.wait_messages(1)[0].rcpt_tos == ["a@hosted.test"]
     assert smarthost.wait_messages(1)[0].rcpt_tos == ["b@eu.partner.test"]
     log = relay.wait_log(f"id={second} to=<b@eu.partner.test> provider=partner")
     assert f"id={first} to=<a@hosted.test> provider=bigmail relay=in1.bigmail.test" in log
-    assert ("eu.partner.test.", "MX") not in dns_server.queries   # a route needs no MX
+    assert ("eu.partner.test.", "MX") not in dns_server.queries  # a route needs no MX
 
 
 def test_delivers_over_ipv6(relay_factory, dns_server, mx_farm):
@@ -361,8 +404,9 @@ def test_delivers_over_ipv6(relay_factory, dns_server, mx_farm):
     relay.wait_log(f"id={queue_id} to=<v6@six.test> provider=default relay=mx.six.test[::1]")
 
 
-def test_warn_after_sends_one_delay_dsn_and_keeps_trying(relay_factory, dns_server, mx_farm,
-                                                         example_org):
+def test_warn_after_sends_one_delay_dsn_and_keeps_trying(
+    relay_factory, dns_server, mx_farm, example_org
+):
     dns_server.add("example.test", "A", "127.0.0.2")
     mx = mx_farm.server("127.0.0.2")
     mx.rcpt_hook = lambda a: "451 4.2.0 Try again later"
@@ -373,8 +417,9 @@ def test_warn_after_sends_one_delay_dsn_and_keeps_trying(relay_factory, dns_serv
     assert message["Subject"] == "Delayed Mail (still being retried)"
     assert recipient["Action"] == "delayed"
     assert recipient["Status"] == "4.2.0"
-    relay.wait_log(f"id={queue_id} to=<late@example.test> provider=default "
-                   "relay=example.test[127.0.0.2]:")
+    relay.wait_log(
+        f"id={queue_id} to=<late@example.test> provider=default relay=example.test[127.0.0.2]:"
+    )
     # Warned once, durably: later attempts and a restart do not warn again.
     log = relay.wait_log("attempt=4 ")
     assert log.count("sender delay notification") == 1
@@ -399,19 +444,21 @@ def mx_tls_context():
     return context
 
 
-def test_opportunistic_starttls_to_the_destination(relay_factory, dns_server, mx_farm,
-                                                   mx_tls_context):
+def test_opportunistic_starttls_to_the_destination(
+    relay_factory, dns_server, mx_farm, mx_tls_context
+):
     dns_server.mx("tls.test", (10, "mx.tls.test"))
     dns_server.add("mx.tls.test", "A", "127.0.0.14")
     mx = mx_farm.server("127.0.0.14", tls_context=mx_tls_context)
     relay = relay_factory()
     relay.send("app@example.org", ["x@tls.test"], make_message("encrypted"))
     [received] = mx.wait_messages(1)
-    assert received.tls   # certificate unknown to relay: still encrypted (RFC 7435)
+    assert received.tls  # certificate unknown to relay: still encrypted (RFC 7435)
 
 
-def test_required_tls_refuses_an_unverifiable_destination(relay_factory, dns_server, mx_farm,
-                                                          mx_tls_context):
+def test_required_tls_refuses_an_unverifiable_destination(
+    relay_factory, dns_server, mx_farm, mx_tls_context
+):
     dns_server.mx("tls.test", (10, "mx.tls.test"))
     dns_server.add("mx.tls.test", "A", "127.0.0.14")
     mx = mx_farm.server("127.0.0.14", tls_context=mx_tls_context)

@@ -17,14 +17,23 @@ def test_listener_survives_fuzzed_input(relay_factory, dns_server):
     dns_server.add("example.test", "A", "127.0.0.2")
     plain = free_port()
     relay = relay_factory(
-        listeners=[{"name": "local", "address": "127.0.0.1", "port": plain, "tls": "none",
-                    "auth": "none", "trusted_networks": ["127.0.0.0/8"]}],
-        limits={"max_message_size": "64KiB", "idle_timeout": "3s",
-                "max_connections_per_ip": 1000})
+        listeners=[
+            {
+                "name": "local",
+                "address": "127.0.0.1",
+                "port": plain,
+                "tls": "none",
+                "auth": "none",
+                "trusted_networks": ["127.0.0.0/8"],
+            }
+        ],
+        limits={"max_message_size": "64KiB", "idle_timeout": "3s", "max_connections_per_ip": 1000},
+    )
     tried = []
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(inputs)
     def fuzz(data: bytes) -> None:
         tried.append(len(data))

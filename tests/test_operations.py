@@ -42,14 +42,20 @@ def depth(relay, provider: str, state: str, class_name: str = "transactional") -
 
 def cli(relay, *args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
     extra = ["--token", token] if token else []
-    return subprocess.run([sys.executable, "-m", "relay", *args, "-c", str(relay.config_path),
-                           *extra], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args, "-c", str(relay.config_path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def api(relay, method: str, path: str, token: str | None = TOKEN, body=None):
-    request = urllib.request.Request(f"http://127.0.0.1:{relay.admin_port}{path}",
-                                     method=method, data=json.dumps(body).encode()
-                                     if body is not None else None)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{relay.admin_port}{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+    )
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -74,28 +80,40 @@ def test_every_spec_metric_is_exported(relay_factory, dns_server, mx_farm):
     mx = mx_farm.server("127.0.0.2")
     mx.rcpt_hook = lambda a: "550 5.1.1 no such user" if a.startswith("nobody") else None
     relay = relay_factory(admin={"token": TOKEN})
-    relay.send("app@example.org", ["bob@example.test", "nobody@example.test"],
-               make_message("metrics"))
+    relay.send(
+        "app@example.org", ["bob@example.test", "nobody@example.test"], make_message("metrics")
+    )
     with relay.client() as smtp:
         assert smtp.mail("intruder@elsewhere.test")[0] == 553
     mx.wait_messages(1)
     relay.wait_log("status=bounced")
     m = scrape(relay)
-    for name in ("relay_queue_depth", "relay_queue_oldest_age_seconds",
-                 "relay_messages_received_total", "relay_messages_rejected_total",
-                 "relay_deliveries_total", "relay_smtp_replies_total",
-                 "relay_delivery_delay_seconds_bucket", "relay_connections_open",
-                 "relay_provider_suspended", "relay_spool_messages", "relay_spool_bytes",
-                 "relay_config_reload_success"):
+    for name in (
+        "relay_queue_depth",
+        "relay_queue_oldest_age_seconds",
+        "relay_messages_received_total",
+        "relay_messages_rejected_total",
+        "relay_deliveries_total",
+        "relay_smtp_replies_total",
+        "relay_delivery_delay_seconds_bucket",
+        "relay_connections_open",
+        "relay_provider_suspended",
+        "relay_spool_messages",
+        "relay_spool_bytes",
+        "relay_config_reload_success",
+    ):
         assert name in m, name
-    assert m["relay_messages_received_total"][
-        (("account", "app"), ("class", "transactional"))] == 1
+    assert m["relay_messages_received_total"][(("account", "app"), ("class", "transactional"))] == 1
     assert m["relay_messages_rejected_total"][(("reason", "sender"),)] == 1
     deliveries = m["relay_deliveries_total"]
-    assert deliveries[(("class", "transactional"), ("outcome", "delivered"),
-                       ("provider", "default"))] == 1
-    assert deliveries[(("class", "transactional"), ("outcome", "bounced"),
-                       ("provider", "default"))] >= 1
+    assert (
+        deliveries[(("class", "transactional"), ("outcome", "delivered"), ("provider", "default"))]
+        == 1
+    )
+    assert (
+        deliveries[(("class", "transactional"), ("outcome", "bounced"), ("provider", "default"))]
+        >= 1
+    )
     assert m["relay_smtp_replies_total"][(("code", "250"), ("provider", "default"))] >= 1
     assert m["relay_smtp_replies_total"][(("code", "550"), ("provider", "default"))] == 1
     assert m["relay_config_reload_success"][()] == 1
@@ -107,17 +125,22 @@ def test_every_spec_metric_is_exported(relay_factory, dns_server, mx_farm):
 
 
 def test_queue_depth_per_state_matches_the_workload(relay_factory, dns_server, mx_farm):
-    route(dns_server, "slow.test", "127.0.0.33")      # one message a minute: the rest ready
-    route(dns_server, "stuck.test", "127.0.0.34")     # suspended: its mail is deferred
+    route(dns_server, "slow.test", "127.0.0.33")  # one message a minute: the rest ready
+    route(dns_server, "stuck.test", "127.0.0.34")  # suspended: its mail is deferred
     slow, _ = mx_farm.server("127.0.0.33"), mx_farm.server("127.0.0.34")
-    relay = relay_factory(admin={"token": TOKEN}, providers={
-        "slow": {"domains": ["slow.test"], "rate": "1/min"},
-        "stuck": {"domains": ["stuck.test"]}})
+    relay = relay_factory(
+        admin={"token": TOKEN},
+        providers={
+            "slow": {"domains": ["slow.test"], "rate": "1/min"},
+            "stuck": {"domains": ["stuck.test"]},
+        },
+    )
     assert api(relay, "POST", "/api/providers/stuck/suspend", body={"for": "1h"})[0] == 200
     for i in range(5):
         relay.send("app@example.org", [f"u{i}@slow.test"], make_message(f"slow {i}"))
-    held_id = relay.send("app@example.org", ["h1@stuck.test", "h2@stuck.test"],
-                         make_message("to hold"))
+    held_id = relay.send(
+        "app@example.org", ["h1@stuck.test", "h2@stuck.test"], make_message("to hold")
+    )
     for i in range(3):
         relay.send("app@example.org", [f"s{i}@stuck.test"], make_message(f"stuck {i}"))
     slow.wait_messages(1)
@@ -129,30 +152,39 @@ def test_queue_depth_per_state_matches_the_workload(relay_factory, dns_server, m
     assert m["relay_provider_suspended"][(("provider", "stuck"),)] == 1
     assert m["relay_provider_suspended"][(("provider", "slow"),)] == 0
     assert m["relay_spool_messages"][()] == 8
-    assert m["relay_queue_oldest_age_seconds"][(("class", "transactional"),
-                                                ("provider", "stuck"))] > 0
+    assert (
+        m["relay_queue_oldest_age_seconds"][(("class", "transactional"), ("provider", "stuck"))] > 0
+    )
     # After a restart the figures are the same: held and suspended survive it.
     assert relay.stop() == 0
     relay.start()
     assert wait_until(lambda: depth(relay, "stuck", "held") == 2)
     assert depth(relay, "stuck", "deferred") == 3
-    assert wait_until(lambda: depth(relay, "slow", "ready") == 3)   # one more went out
+    assert wait_until(lambda: depth(relay, "slow", "ready") == 3)  # one more went out
     # release + resume: everything drains, the gauges fall to zero
     assert api(relay, "POST", f"/api/queue/{held_id}/release")[0] == 200
     assert api(relay, "POST", "/api/providers/stuck/resume")[0] == 200
-    assert wait_until(lambda: depth(relay, "stuck", "deferred") == 0
-                      and depth(relay, "stuck", "held") == 0
-                      and depth(relay, "stuck", "ready") == 0)
+    assert wait_until(
+        lambda: (
+            depth(relay, "stuck", "deferred") == 0
+            and depth(relay, "stuck", "held") == 0
+            and depth(relay, "stuck", "ready") == 0
+        )
+    )
 
 
 def test_cli_verbs_against_a_running_daemon(relay_factory, dns_server, mx_farm, example_org):
     route(dns_server, "later.test", "127.0.0.35")
     mx = mx_farm.server("127.0.0.35")
     mx.rcpt_hook = lambda a: "451 4.7.1 try again later"
-    relay = relay_factory(admin={"token": TOKEN}, retry={"initial": "1h", "max": "2h"},
-                          providers={"later": {"domains": ["later.test"]}})
-    ids = [relay.send("app@example.org", [f"u{i}@later.test"], make_message(f"q{i}"))
-           for i in range(4)]
+    relay = relay_factory(
+        admin={"token": TOKEN},
+        retry={"initial": "1h", "max": "2h"},
+        providers={"later": {"domains": ["later.test"]}},
+    )
+    ids = [
+        relay.send("app@example.org", [f"u{i}@later.test"], make_message(f"q{i}")) for i in range(4)
+    ]
     relay.wait_log(f"id={ids[-1]} to=<u3@later.test>")
 
     listing = cli(relay, "queue", "list")
@@ -169,8 +201,9 @@ def test_cli_verbs_against_a_running_daemon(relay_factory, dns_server, mx_farm, 
     assert "Subject: q0" in shown.stdout
 
     assert cli(relay, "queue", "hold", ids[1]).stdout.strip() == f"{ids[1]}: held"
-    assert "!" in next(line for line in cli(relay, "queue", "list").stdout.splitlines()
-                       if line.startswith(ids[1]))
+    assert "!" in next(
+        line for line in cli(relay, "queue", "list").stdout.splitlines() if line.startswith(ids[1])
+    )
     assert cli(relay, "queue", "release", ids[1]).returncode == 0
 
     mx.rcpt_hook = lambda a: None
@@ -184,8 +217,7 @@ def test_cli_verbs_against_a_running_daemon(relay_factory, dns_server, mx_farm, 
     assert b"returned to sender by the administrator" in dsn.data
 
     assert cli(relay, "provider", "suspend", "later", "--for", "1h").returncode == 0
-    assert "suspended (suspended by the administrator)" in cli(
-        relay, "provider", "list").stdout
+    assert "suspended (suspended by the administrator)" in cli(relay, "provider", "list").stdout
     assert cli(relay, "provider", "resume", "later").returncode == 0
     flushed = cli(relay, "queue", "flush", "--provider", "later")
     assert flushed.returncode == 0
@@ -209,8 +241,7 @@ def test_cli_verbs_against_a_running_daemon(relay_factory, dns_server, mx_farm, 
     assert len(down.stderr.strip().splitlines()) == 1
 
 
-def test_reload_applies_under_load_and_refuses_a_bad_file(relay_factory, dns_server,
-                                                          mx_farm):
+def test_reload_applies_under_load_and_refuses_a_bad_file(relay_factory, dns_server, mx_farm):
     route(dns_server, "load.test", "127.0.0.36")
     mx = mx_farm.server("127.0.0.36")
     relay = relay_factory(admin={"token": TOKEN})
@@ -222,8 +253,11 @@ def test_reload_applies_under_load_and_refuses_a_bad_file(relay_factory, dns_ser
             i = 0
             while not stop.is_set() and i < 2000:
                 message_id = f"load-{i}@reload.test"
-                smtp.sendmail("app@example.org", [f"u{i}@load.test"],
-                              make_message(f"l{i}", headers=f"Message-ID: <{message_id}>\r\n"))
+                smtp.sendmail(
+                    "app@example.org",
+                    [f"u{i}@load.test"],
+                    make_message(f"l{i}", headers=f"Message-ID: <{message_id}>\r\n"),
+                )
                 acked.append(message_id)
                 i += 1
 
@@ -249,7 +283,7 @@ def test_reload_applies_under_load_and_refuses_a_bad_file(relay_factory, dns_ser
     messages = mx.wait_messages(len(acked), timeout=60)
     ids = [re.search(rb"Message-ID: <([^>]+)>", m.data).group(1).decode() for m in messages]
     assert sorted(ids) == sorted(acked), "lost or duplicated messages across the reload"
-    assert "provider=load" in relay.log()   # the new provider took over routing
+    assert "provider=load" in relay.log()  # the new provider took over routing
 
 
 def test_removed_account_stops_authenticating(relay_factory):
@@ -274,19 +308,18 @@ def session_until_closed(port: int) -> bytes:
     return received
 
 
-def test_sigterm_drains_then_restart_delivers_everything_acked(relay_factory, dns_server,
-                                                               mx_farm):
+def test_sigterm_drains_then_restart_delivers_everything_acked(relay_factory, dns_server, mx_farm):
     route(dns_server, "sink.test", "127.0.0.37")
     mx = mx_farm.server("127.0.0.37")
     relay = relay_factory(admin={"token": TOKEN}, defaults={"rate": "100/s"})
-    load = Load(relay, "drain", clients=5, per_client=100).start()   # 500 messages
+    load = Load(relay, "drain", clients=5, per_client=100).start()  # 500 messages
     assert load.wait_acked(150)
     relay.proc.send_signal(signal.SIGTERM)
     # during the drain, a new session is turned away with 421 4.3.2
     try:
         turned_away: bytes | None = session_until_closed(relay.port)
     except OSError:
-        turned_away = None   # already closed: the drain was quicker than this connection
+        turned_away = None  # already closed: the drain was quicker than this connection
     assert relay.proc.wait(60) == 0
     acked = load.stop()
     if turned_away:
@@ -299,8 +332,7 @@ def test_sigterm_drains_then_restart_delivers_everything_acked(relay_factory, dn
     assert max(counts.values()) == 1, "a graceful stop must not repeat a delivery"
 
 
-def test_a_transaction_in_progress_finishes_during_the_drain(relay_factory, dns_server,
-                                                             mx_farm):
+def test_a_transaction_in_progress_finishes_during_the_drain(relay_factory, dns_server, mx_farm):
     route(dns_server, "drain.test", "127.0.0.37")
     mx = mx_farm.server("127.0.0.37")
     relay = relay_factory()
@@ -317,32 +349,31 @@ def test_a_transaction_in_progress_finishes_during_the_drain(relay_factory, dns_
     assert mx.wait_messages(1)[0].rcpt_tos == ["late@drain.test"]
 
 
-
-
-def test_a_second_signal_stops_at_once_and_loses_nothing(relay_factory, dns_server,
-                                                         mx_farm):
+def test_a_second_signal_stops_at_once_and_loses_nothing(relay_factory, dns_server, mx_farm):
     route(dns_server, "drain.test", "127.0.0.37")
     mx = mx_farm.server("127.0.0.37")
-    relay = relay_factory(args=("--grace", "120"), providers={"stuck": {
-        "domains": ["drain.test"], "rate": "1/h"}})
-    ids = [relay.send("app@example.org", [f"u{i}@drain.test"], make_message(f"s{i}"))
-           for i in range(3)]
+    relay = relay_factory(
+        args=("--grace", "120"), providers={"stuck": {"domains": ["drain.test"], "rate": "1/h"}}
+    )
+    ids = [
+        relay.send("app@example.org", [f"u{i}@drain.test"], make_message(f"s{i}")) for i in range(3)
+    ]
     mx.wait_messages(1)
-    with relay.client() as smtp:       # a session that holds the drain open
+    with relay.client() as smtp:  # a session that holds the drain open
         smtp.mail("app@example.org")
         relay.proc.send_signal(signal.SIGTERM)
         relay.wait_log("shutting down")
         started = time.monotonic()
         relay.proc.send_signal(signal.SIGTERM)
         assert relay.proc.wait(30) == 0
-        assert time.monotonic() - started < 10     # not the 120 s grace
+        assert time.monotonic() - started < 10  # not the 120 s grace
     assert "second signal: stopping now" in relay.log()
     relay.start()
-    mx.wait_messages(2)   # a restarted lane's rate starts afresh: one more goes at once
-    queued = {m["id"] for m in json.loads(
-        cli(relay, "queue", "list", "--json", token=None).stdout)}
-    delivered = {re.search(rb"with ESMTPSA id ([0-9A-Z]+)", m.data).group(1).decode()
-                 for m in mx.messages}
+    mx.wait_messages(2)  # a restarted lane's rate starts afresh: one more goes at once
+    queued = {m["id"] for m in json.loads(cli(relay, "queue", "list", "--json", token=None).stdout)}
+    delivered = {
+        re.search(rb"with ESMTPSA id ([0-9A-Z]+)", m.data).group(1).decode() for m in mx.messages
+    }
     assert queued | delivered == set(ids) and not queued & delivered
 
 
@@ -355,5 +386,4 @@ def test_json_logs(relay_factory, dns_server, mx_farm):
     relay.wait_log("status=delivered")
     entries = [json.loads(line) for line in relay.log().splitlines() if line.startswith("{")]
     assert entries and all({"time", "level", "logger", "message"} <= set(e) for e in entries)
-    assert any(e["message"].startswith(f"id={queue_id} to=<bob@example.test>")
-               for e in entries)
+    assert any(e["message"].startswith(f"id={queue_id} to=<bob@example.test>") for e in entries)

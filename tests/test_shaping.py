@@ -12,15 +12,15 @@ from tests.mxserver import Blackhole
 from tests.relayproc import make_message
 
 
-def submit_many(relay, recipients_of, count: int, threads: int = 4,
-                headers: str = "") -> None:
+def submit_many(relay, recipients_of, count: int, threads: int = 4, headers: str = "") -> None:
     """Submit `count` messages over `threads` parallel sessions; recipients_of(i) → list."""
 
     def worker(offset: int) -> None:
         with relay.client() as smtp:
             for i in range(offset, count, threads):
-                smtp.sendmail("app@example.org", recipients_of(i),
-                              make_message(f"m{i}", headers=headers))
+                smtp.sendmail(
+                    "app@example.org", recipients_of(i), make_message(f"m{i}", headers=headers)
+                )
 
     pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
     for thread in pool:
@@ -41,22 +41,29 @@ def assert_suspended_then_delivered(relay, mx, quirk_off, seconds: float, addres
     connections = mx.connections
     quirk_off()
     # Nothing must reach the provider while it is suspended: watch (bounded) for it.
-    assert not mx.wait_for(lambda: mx.connections > connections, timeout=seconds - 0.5), \
+    assert not mx.wait_for(lambda: mx.connections > connections, timeout=seconds - 0.5), (
         "the relay connected during the suspension"
+    )
     [message] = mx.wait_messages(1, timeout=20)
     assert message.rcpt_tos == [address]
     assert message.time - started >= seconds - 0.6
     relay.wait_log("resumed")
 
 
-@pytest.mark.parametrize(("domain", "stage", "reply"), [
-    pytest.param("orange.fr", "rcpt", p.ORANGE_OFR_506, id="orange-ofr_506-at-RCPT"),
-    pytest.param("laposte.net", "greeting", p.LAPOSTE_BUSY, id="postscreen-busy-at-greeting"),
-    pytest.param("free.fr", "mail", p.FREE_TOO_MANY_ERRORS, id="free-errors-at-MAIL"),
-    pytest.param("facebook.com", "greeting", p.FACEBOOK_POL_P4, id="facebook-POL-P4-at-greeting"),
-])
-def test_provider_reply_suspends_then_delivers(relay_factory, dns_server, mx_farm, domain,
-                                               stage, reply):
+@pytest.mark.parametrize(
+    ("domain", "stage", "reply"),
+    [
+        pytest.param("orange.fr", "rcpt", p.ORANGE_OFR_506, id="orange-ofr_506-at-RCPT"),
+        pytest.param("laposte.net", "greeting", p.LAPOSTE_BUSY, id="postscreen-busy-at-greeting"),
+        pytest.param("free.fr", "mail", p.FREE_TOO_MANY_ERRORS, id="free-errors-at-MAIL"),
+        pytest.param(
+            "facebook.com", "greeting", p.FACEBOOK_POL_P4, id="facebook-POL-P4-at-greeting"
+        ),
+    ],
+)
+def test_provider_reply_suspends_then_delivers(
+    relay_factory, dns_server, mx_farm, domain, stage, reply
+):
     route(dns_server, domain, "127.0.0.20")
     mx = mx_farm.server("127.0.0.20")
     quirk = p.Quirk(reply)
@@ -75,12 +82,11 @@ def test_provider_reply_suspends_then_delivers(relay_factory, dns_server, mx_far
     relay.send("app@example.org", [f"user@{domain}"], make_message(reply))
     assert_suspended_then_delivered(relay, mx, behave, 3, f"user@{domain}")
     log = relay.log()
-    assert reply in log                    # the provider's own words are in the log line
-    assert "status=bounced" not in log     # even the 5xx ones that mean "later"
+    assert reply in log  # the provider's own words are in the log line
+    assert "status=bounced" not in log  # even the 5xx ones that mean "later"
 
 
-def test_laposte_lpn007_510_is_retried_not_bounced(relay_factory, dns_server, mx_farm,
-                                                   example_org):
+def test_laposte_lpn007_510_is_retried_not_bounced(relay_factory, dns_server, mx_farm, example_org):
     route(dns_server, "laposte.net", "127.0.0.21")
     mx = mx_farm.server("127.0.0.21")
     mx.data_hook = p.Quirk(p.LAPOSTE_LATER, times=1)
@@ -91,7 +97,7 @@ def test_laposte_lpn007_510_is_retried_not_bounced(relay_factory, dns_server, mx
     assert "dsn=5.5.0 status=deferred" in relay.wait_log("status=delivered")
     assert "status=bounced" not in log
     relay.stop()
-    assert example_org.messages == []   # no DSN
+    assert example_org.messages == []  # no DSN
 
 
 def test_mailbox_full_452_is_retried(relay_factory, dns_server, mx_farm):
@@ -116,8 +122,9 @@ def test_suspension_survives_a_restart(relay_factory, dns_server, mx_farm):
     quirk.off()
     assert relay.stop() == 0
     relay.start()
-    relay.wait_log("suspended for 5s (restored)") if "for 5s" in relay.log() else \
-        relay.wait_log("(restored)")
+    relay.wait_log("suspended for 5s (restored)") if "for 5s" in relay.log() else relay.wait_log(
+        "(restored)"
+    )
     connections = mx.connections
     remaining = 6 - (time.monotonic() - suspended_at)
     assert not mx.wait_for(lambda: mx.connections > connections, timeout=remaining - 0.5)
@@ -128,10 +135,23 @@ def test_throttle_rule_narrows_connections(relay_factory, dns_server, mx_farm):
     route(dns_server, "busy.test", "127.0.0.24")
     mx = mx_farm.server("127.0.0.24")
     mx.rcpt_hook = p.Quirk(p.TOO_MANY_CONNECTIONS, times=1)
-    relay = relay_factory(providers={"busy": {
-        "domains": ["busy.test"], "max_connections": 5, "max_messages_per_connection": 2,
-        "rules": [{"match": "too many connections", "action": "throttle",
-                   "max_connections": 1, "for": "1m"}]}})
+    relay = relay_factory(
+        providers={
+            "busy": {
+                "domains": ["busy.test"],
+                "max_connections": 5,
+                "max_messages_per_connection": 2,
+                "rules": [
+                    {
+                        "match": "too many connections",
+                        "action": "throttle",
+                        "max_connections": 1,
+                        "for": "1m",
+                    }
+                ],
+            }
+        }
+    )
     relay.send("app@example.org", ["first@busy.test"], make_message("first"))
     relay.wait_log("throttled for 60s")
     opened = mx.connections
@@ -147,9 +167,16 @@ def test_throttle_rule_narrows_connections(relay_factory, dns_server, mx_farm):
 def test_limits_hold_with_1000_queued(relay_factory, dns_server, mx_farm):
     route(dns_server, "orange.fr", "127.0.0.20")
     mx = mx_farm.server("127.0.0.20")
-    relay = relay_factory(providers={"orange": {
-        "domains": ["orange.fr", "wanadoo.fr"], "max_connections": 2,
-        "max_messages_per_connection": 100}}, defaults={"max_recipients_per_message": 100})
+    relay = relay_factory(
+        providers={
+            "orange": {
+                "domains": ["orange.fr", "wanadoo.fr"],
+                "max_connections": 2,
+                "max_messages_per_connection": 100,
+            }
+        },
+        defaults={"max_recipients_per_message": 100},
+    )
     submit_many(relay, lambda i: [f"user{i}@orange.fr"], 1000)
     mx.wait_messages(1000, timeout=120)
     assert mx.max_open <= 2, mx.max_open
@@ -160,8 +187,9 @@ def test_limits_hold_with_1000_queued(relay_factory, dns_server, mx_farm):
 def test_smooth_rate_is_never_exceeded(relay_factory, dns_server, mx_farm):
     route(dns_server, "paced.test", "127.0.0.25")
     mx = mx_farm.server("127.0.0.25")
-    relay = relay_factory(providers={"paced": {"domains": ["paced.test"], "rate": "20/s",
-                                               "max_connections": 4}})
+    relay = relay_factory(
+        providers={"paced": {"domains": ["paced.test"], "rate": "20/s", "max_connections": 4}}
+    )
     submit_many(relay, lambda i: [f"u{i}@paced.test"], 41)
     messages = mx.wait_messages(41, timeout=60)
     times = sorted(m.time for m in messages)
@@ -179,19 +207,26 @@ def test_recipient_rate_makes_mail_to_one_mailbox_wait(relay_factory, dns_server
     submit_many(relay, lambda i: ["same@target.test"], 6, threads=1)
     messages = mx.wait_messages(6, timeout=30)
     times = sorted(m.time for m in messages)
-    assert times[-1] - times[0] >= 5 * 0.5 * 0.95   # none dropped, all paced
+    assert times[-1] - times[0] >= 5 * 0.5 * 0.95  # none dropped, all paced
     assert "status=bounced" not in relay.log()
 
 
 def test_transactional_goes_before_a_bulk_backlog(relay_factory, dns_server, mx_farm):
     route(dns_server, "lists.test", "127.0.0.27")
     mx = mx_farm.server("127.0.0.27")
-    relay = relay_factory(providers={"lists": {
-        "domains": ["lists.test"], "max_connections": 2, "rate": "150/s"}})
-    submit_many(relay, lambda i: [f"member{i}@lists.test"], 2000,
-                headers="List-Id: <news.example.org>\r\n")
-    submit_many(relay, lambda i: [f"urgent{i}@lists.test"], 50, threads=2,
-                headers="X-Kind: password reset\r\n")
+    relay = relay_factory(
+        providers={"lists": {"domains": ["lists.test"], "max_connections": 2, "rate": "150/s"}}
+    )
+    submit_many(
+        relay, lambda i: [f"member{i}@lists.test"], 2000, headers="List-Id: <news.example.org>\r\n"
+    )
+    submit_many(
+        relay,
+        lambda i: [f"urgent{i}@lists.test"],
+        50,
+        threads=2,
+        headers="X-Kind: password reset\r\n",
+    )
     messages = mx.wait_messages(2050, timeout=120)
     order = [m.rcpt_tos[0] for m in sorted(messages, key=lambda m: m.time)]
     last_urgent = max(i for i, a in enumerate(order) if a.startswith("urgent"))
@@ -206,16 +241,22 @@ def test_transactional_goes_before_a_bulk_backlog(relay_factory, dns_server, mx_
 def test_a_dead_destination_does_not_slow_a_healthy_one(relay_factory, dns_server, mx_farm):
     route(dns_server, "blackhole.test", "127.0.0.30")
     hole = Blackhole(mx_farm, "127.0.0.30")
-    route(dns_server, "refused.test", "127.0.0.31")          # nothing listens there
+    route(dns_server, "refused.test", "127.0.0.31")  # nothing listens there
     route(dns_server, "healthy.test", "127.0.0.32")
     healthy = mx_farm.server("127.0.0.32")
     relay = relay_factory(retry={"initial": "20s", "max": "1m"})
     with relay.client() as smtp:
         for i in range(50):
-            smtp.sendmail("app@example.org", [f"u{i}-{j}@blackhole.test" for j in range(10)],
-                          make_message(f"hole {i}"))
-            smtp.sendmail("app@example.org", [f"u{i}-{j}@refused.test" for j in range(10)],
-                          make_message(f"refused {i}"))
+            smtp.sendmail(
+                "app@example.org",
+                [f"u{i}-{j}@blackhole.test" for j in range(10)],
+                make_message(f"hole {i}"),
+            )
+            smtp.sendmail(
+                "app@example.org",
+                [f"u{i}-{j}@refused.test" for j in range(10)],
+                make_message(f"refused {i}"),
+            )
     started = time.monotonic()
     with relay.client() as smtp:
         for i in range(50):
@@ -227,19 +268,24 @@ def test_a_dead_destination_does_not_slow_a_healthy_one(relay_factory, dns_serve
     log = relay.log()
     assert "destination=default:refused.test unreachable" in log
     assert "destination=default:blackhole.test unreachable" in relay.wait_log(
-        "destination=default:blackhole.test unreachable")
+        "destination=default:blackhole.test unreachable"
+    )
     print(f"\nhealthy destination: 50 messages in {elapsed:.2f}s beside 1,000 stuck recipients")
 
 
-
-
-def test_connection_rate_is_not_bypassed_by_parallel_workers(relay_factory, dns_server,
-                                                             mx_farm):
+def test_connection_rate_is_not_bypassed_by_parallel_workers(relay_factory, dns_server, mx_farm):
     route(dns_server, "conn.test", "127.0.0.28")
     mx = mx_farm.server("127.0.0.28")
-    relay = relay_factory(providers={"conn": {
-        "domains": ["conn.test"], "connection_rate": "10/s", "max_connections": 5,
-        "max_messages_per_connection": 1}})
+    relay = relay_factory(
+        providers={
+            "conn": {
+                "domains": ["conn.test"],
+                "connection_rate": "10/s",
+                "max_connections": 5,
+                "max_messages_per_connection": 1,
+            }
+        }
+    )
     submit_many(relay, lambda i: [f"u{i}@conn.test"], 21)
     mx.wait_messages(21, timeout=30)
     times = sorted(mx.connect_times)

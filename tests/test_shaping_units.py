@@ -37,7 +37,7 @@ def test_gcra_is_smooth_and_exact():
     times = run_events(Gcra(parse_rate("300/min")), 60, clock)
     assert len(times) == 300
     gaps = {round(b - a, 6) for a, b in itertools.pairwise(times)}
-    assert gaps == {0.2}   # evenly spaced, never a burst at the start of the minute
+    assert gaps == {0.2}  # evenly spaced, never a burst at the start of the minute
 
 
 def test_gcra_burst_and_refund():
@@ -63,8 +63,9 @@ def test_keyed_gcra_forgets_idle_mailboxes():
 
 
 def _shaper(clock: Clock, **shaping: object) -> Shaper:
-    config = parse_config({"defaults": shaping,
-                           "classes": {"bulk": {"priority": 1, "rate": "1/s"}}})
+    config = parse_config(
+        {"defaults": shaping, "classes": {"bulk": {"priority": 1, "rate": "1/s"}}}
+    )
     return Shaper(config.defaults, config.classes, clock)
 
 

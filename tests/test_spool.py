@@ -10,10 +10,15 @@ from relay.spool import Envelope, EnvelopeRecipient, RecipientStatus, Spool, Sta
 
 
 def envelope(spool: Spool, body: bytes, recipients: int = 3) -> Envelope:
-    return Envelope(id=spool.new_id(), sender="a@example.org",
-                    recipients=tuple(EnvelopeRecipient(f"r{i}@example.test")
-                                     for i in range(recipients)),
-                    received_at=1.0, size=len(body), class_name="transactional", account="app")
+    return Envelope(
+        id=spool.new_id(),
+        sender="a@example.org",
+        recipients=tuple(EnvelopeRecipient(f"r{i}@example.test") for i in range(recipients)),
+        received_at=1.0,
+        size=len(body),
+        class_name="transactional",
+        account="app",
+    )
 
 
 def test_store_record_recover_remove(tmp_path):
@@ -25,8 +30,13 @@ def test_store_record_recover_remove(tmp_path):
     async def go() -> None:
         offset = await spool.store(env, body)
         assert spool.read_message(env.id, offset) == body
-        await spool.record(env.id, [StateRecord((0,), RecipientStatus.DELIVERED, 1, 0, "250 ok"),
-                                    StateRecord((1, 2), RecipientStatus.DEFERRED, 1, 99.0, "451")])
+        await spool.record(
+            env.id,
+            [
+                StateRecord((0,), RecipientStatus.DELIVERED, 1, 0, "250 ok"),
+                StateRecord((1, 2), RecipientStatus.DEFERRED, 1, 99.0, "451"),
+            ],
+        )
         [recovered] = list(spool.recover(stale_before=time.time()))
         assert recovered.envelope == env
         assert [r.indices for r in recovered.records] == [(0,), (1, 2)]
@@ -50,7 +60,7 @@ def test_torn_state_line_is_ignored(tmp_path):
         await spool.store(env, b"x\r\n")
         await spool.record(env.id, [StateRecord((0,), RecipientStatus.DELIVERED, 1, 0, "ok")])
         torn = spool.message_path(env.id) + ".st"
-        await asyncio.to_thread(_append, torn, b'[[1],1,1,0,"par')   # crash mid-append
+        await asyncio.to_thread(_append, torn, b'[[1],1,1,0,"par')  # crash mid-append
         [recovered] = list(spool.recover(stale_before=time.time()))
         assert [r.indices for r in recovered.records] == [(0,)]
 
@@ -67,7 +77,7 @@ def test_damaged_entries_are_quarantined_and_temp_files_dropped(tmp_path):
         await spool.store(bad, b"bad body\r\n")
 
     asyncio.run(go())
-    with open(spool.message_path(bad.id), "r+b") as handle:   # truncate the body
+    with open(spool.message_path(bad.id), "r+b") as handle:  # truncate the body
         handle.truncate(os.path.getsize(spool.message_path(bad.id)) - 3)
     directory = os.path.dirname(spool.message_path(good.id))
     with open(os.path.join(directory, ".tmp-unfinished"), "wb") as handle:

@@ -30,8 +30,10 @@ def peer_certificate(port: int, implicit: bool) -> bytes:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     if implicit:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-                context.wrap_socket(raw, server_hostname="relay.test") as tls:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="relay.test") as tls,
+        ):
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
             return tls.getpeercert(binary_form=True) or b""
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
@@ -43,18 +45,22 @@ def peer_certificate(port: int, implicit: bool) -> bytes:
 def test_tls_1_2_is_the_minimum(tmp_path):
     cert, key = write_pair(tmp_path, "a", trustme.CA())
     config = parse_config({"tls": {"cert": str(cert), "key": str(key)}})
-    assert server_context(config.tls, str(tmp_path), "relay.test").minimum_version \
+    assert (
+        server_context(config.tls, str(tmp_path), "relay.test").minimum_version
         == ssl.TLSVersion.TLSv1_2
+    )
 
 
 def test_certificates_are_reloaded_on_sighup(tmp_path, relay_factory):
     cert, key = write_pair(tmp_path, "live", trustme.CA())
     starttls, implicit = free_port(), free_port()
-    relay = relay_factory(tls={"cert": str(cert), "key": str(key), "self_signed": False},
-                          listeners=[{"name": "s", "address": "127.0.0.1", "port": starttls,
-                                      "tls": "starttls"},
-                                     {"name": "i", "address": "127.0.0.1", "port": implicit,
-                                      "tls": "implicit"}])
+    relay = relay_factory(
+        tls={"cert": str(cert), "key": str(key), "self_signed": False},
+        listeners=[
+            {"name": "s", "address": "127.0.0.1", "port": starttls, "tls": "starttls"},
+            {"name": "i", "address": "127.0.0.1", "port": implicit, "tls": "implicit"},
+        ],
+    )
     before = (peer_certificate(starttls, False), peer_certificate(implicit, True))
     new_cert, new_key = write_pair(tmp_path, "next", trustme.CA())
     cert.write_bytes(new_cert.read_bytes())
@@ -64,18 +70,24 @@ def test_certificates_are_reloaded_on_sighup(tmp_path, relay_factory):
     after = (peer_certificate(starttls, False), peer_certificate(implicit, True))
     assert before[0] == before[1] and after[0] == after[1]
     assert after[0] != before[0] and after[0] == ssl.PEM_cert_to_DER_cert(
-        new_cert.read_text().split("-----END CERTIFICATE-----")[0]
-        + "-----END CERTIFICATE-----\n")
+        new_cert.read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+    )
 
 
 def _serve_fails(tmp_path: Path, cert: str, key: str) -> str:
     config = tmp_path / "relay.yaml"
-    config.write_text(f"listeners: [{{name: s, address: 127.0.0.1, port: {free_port()}}}]\n"
-                      f"tls: {{cert: '{cert}', key: '{key}'}}\n"
-                      f"spool: {{path: '{tmp_path}/spool'}}\n"
-                      f"admin: {{port: {free_port()}}}\n")
-    result = subprocess.run([sys.executable, "-m", "relay", "serve", "-c", str(config)],
-                            capture_output=True, text=True, timeout=60)
+    config.write_text(
+        f"listeners: [{{name: s, address: 127.0.0.1, port: {free_port()}}}]\n"
+        f"tls: {{cert: '{cert}', key: '{key}'}}\n"
+        f"spool: {{path: '{tmp_path}/spool'}}\n"
+        f"admin: {{port: {free_port()}}}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     return result.stderr.strip().splitlines()[-1]
@@ -86,5 +98,5 @@ def test_mismatched_or_unreadable_files_are_one_clear_line(tmp_path):
     _, key_b = write_pair(tmp_path, "b", trustme.CA())
     line = _serve_fails(tmp_path, str(cert_a), str(key_b))
     assert line.startswith("relay: tls.cert/tls.key:") and "cannot be used together" in line
-    line = _serve_fails(tmp_path, str(tmp_path), str(key_b))     # a directory, not a file
+    line = _serve_fails(tmp_path, str(tmp_path), str(key_b))  # a directory, not a file
     assert line.startswith("relay: tls.cert/tls.key: cannot read")

@@ -19,9 +19,17 @@ def _client(args: argparse.Namespace, config_path: str) -> AdminClient:
 def _messages(client: AdminClient, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     after = None
     while True:
-        page = client.call("GET", "/api/queue", query={
-            "provider": args.provider or "", "class": args.class_name or "",
-            "state": args.state or "", "after": after or "", "limit": "1000"})
+        page = client.call(
+            "GET",
+            "/api/queue",
+            query={
+                "provider": args.provider or "",
+                "class": args.class_name or "",
+                "state": args.state or "",
+                "after": after or "",
+                "limit": "1000",
+            },
+        )
         yield from page["messages"]
         after = page.get("next")
         if not after:
@@ -38,13 +46,18 @@ def _mailq(messages: list[dict[str, Any]]) -> str:
         states = {r["state"] for r in message["recipients"]}
         mark = "!" if message["held"] else "*" if "active" in states else " "
         arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(message["arrival"]))
-        lines.append(f"{message['id']}{mark:1s} {message['size']:>8d} {arrival}  "
-                     f"{message['sender'] or 'MAILER-DAEMON'}")
+        lines.append(
+            f"{message['id']}{mark:1s} {message['size']:>8d} {arrival}  "
+            f"{message['sender'] or 'MAILER-DAEMON'}"
+        )
         for r in message["recipients"]:
             if r.get("last_reply"):
                 lines.append(f"({r['last_reply'][:200]})")
-            note = f"[{r['provider']}, {r['state']}" + (
-                f", attempt {r['attempts']}" if r["attempts"] else "") + "]"
+            note = (
+                f"[{r['provider']}, {r['state']}"
+                + (f", attempt {r['attempts']}" if r["attempts"] else "")
+                + "]"
+            )
             lines.append(f"{'':42s}{r['address']}  {note}")
         lines.append("")
         total += message["size"]
@@ -55,10 +68,14 @@ def _mailq(messages: list[dict[str, Any]]) -> str:
 
 def _show(message: dict[str, Any]) -> str:
     arrival = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(message["arrival"]))
-    lines = [f"id:       {message['id']}{'  (held)' if message['held'] else ''}",
-             f"sender:   <{message['sender']}>", f"account:  {message['account']}",
-             f"class:    {message['class']}", f"size:     {message['size']}",
-             f"arrival:  {arrival}"]
+    lines = [
+        f"id:       {message['id']}{'  (held)' if message['held'] else ''}",
+        f"sender:   <{message['sender']}>",
+        f"account:  {message['account']}",
+        f"class:    {message['class']}",
+        f"size:     {message['size']}",
+        f"arrival:  {arrival}",
+    ]
     if message.get("envid"):
         lines.append(f"envid:    {message['envid']}")
     lines.append("recipients:")
@@ -66,8 +83,10 @@ def _show(message: dict[str, Any]) -> str:
         when = ""
         if r.get("next_attempt"):
             when = " next " + time.strftime("%H:%M:%S", time.localtime(r["next_attempt"]))
-        lines.append(f"  <{r['address']}> {r['state']} provider={r['provider']} "
-                     f"attempts={r['attempts']}{when}")
+        lines.append(
+            f"  <{r['address']}> {r['state']} provider={r['provider']} "
+            f"attempts={r['attempts']}{when}"
+        )
         if r.get("last_reply"):
             lines.append(f"      last reply: {r['last_reply']}")
     lines += ["headers:", *("  " + line for line in message.get("headers", "").splitlines())]
@@ -93,7 +112,7 @@ def cmd_queue(args: argparse.Namespace, config_path: str) -> int:
         for message_id in args.ids:
             client.call("DELETE", f"/api/queue/{message_id}")
             print(f"{message_id}: deleted")
-    else:   # hold, release, bounce
+    else:  # hold, release, bounce
         done = {"hold": "held", "release": "released", "bounce": "bounced"}[action]
         for message_id in args.ids:
             client.call("POST", f"/api/queue/{message_id}/{action}")
@@ -108,10 +127,15 @@ def cmd_provider(args: argparse.Namespace, config_path: str) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         for row in [] if args.json else rows:
-            state = f"suspended ({row['suspended']})" if row["suspended"] else (
-                "paused" if row["paused"] else "active")
-            print(f"{row['queue']:32s} {state:40s} batches={row['pending_batches']} "
-                  f"max_connections={row['max_connections']}")
+            state = (
+                f"suspended ({row['suspended']})"
+                if row["suspended"]
+                else ("paused" if row["paused"] else "active")
+            )
+            print(
+                f"{row['queue']:32s} {state:40s} batches={row['pending_batches']} "
+                f"max_connections={row['max_connections']}"
+            )
     elif args.provider_action == "suspend":
         client.call("POST", f"/api/providers/{args.name}/suspend", body={"for": args.duration})
         print(f"{args.name}: suspended for {args.duration}")
@@ -129,11 +153,15 @@ def cmd_reload(args: argparse.Namespace, config_path: str) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="YAML file to find the admin API in "
-                        "(default: $RELAY_CONFIG or config/relay.yaml)")
+    common.add_argument(
+        "-c",
+        "--config",
+        help="YAML file to find the admin API in (default: $RELAY_CONFIG or config/relay.yaml)",
+    )
     common.add_argument("--admin-url", help="e.g. http://127.0.0.1:9025 (overrides the config)")
-    common.add_argument("--token", help="admin bearer token (default: admin.token or "
-                        "$RELAY_ADMIN_TOKEN)")
+    common.add_argument(
+        "--token", help="admin bearer token (default: admin.token or $RELAY_ADMIN_TOKEN)"
+    )
 
     queue = sub.add_parser("queue", help="inspect and act on the mail queue")
     qsub = queue.add_subparsers(dest="queue_action", required=True)
@@ -148,9 +176,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     flush = qsub.add_parser("flush", parents=[common], help="deferred mail due now")
     flush.add_argument("id", nargs="?")
     flush.add_argument("--provider")
-    for action, text in (("hold", "keep from delivery until released"),
-                         ("release", "deliver again"), ("delete", "remove without a DSN"),
-                         ("bounce", "return to the sender with a DSN")):
+    for action, text in (
+        ("hold", "keep from delivery until released"),
+        ("release", "deliver again"),
+        ("delete", "remove without a DSN"),
+        ("bounce", "return to the sender with a DSN"),
+    ):
         parser = qsub.add_parser(action, parents=[common], help=text)
         parser.add_argument("ids", nargs="+", metavar="ID")
     queue.set_defaults(func=cmd_queue)
@@ -166,6 +197,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     resume.add_argument("name")
     provider.set_defaults(func=cmd_provider)
 
-    reload = sub.add_parser("reload", parents=[common],
-                            help="re-read the daemon's YAML (like SIGHUP)")
+    reload = sub.add_parser(
+        "reload", parents=[common], help="re-read the daemon's YAML (like SIGHUP)"
+    )
     reload.set_defaults(func=cmd_reload)

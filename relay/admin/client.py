@@ -33,8 +33,12 @@ def endpoint_from_config(path: str) -> tuple[str, str | None]:
         port = int(admin.get("port", port)) if str(admin.get("port", port)).isdigit() else port
         raw = admin.get("token")
         if isinstance(raw, str):
-            token = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
-                           lambda m: os.environ.get(m.group(1), ""), raw) or None
+            token = (
+                re.sub(
+                    r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: os.environ.get(m.group(1), ""), raw
+                )
+                or None
+            )
     host = f"[{address}]" if ":" in address else address
     return f"http://{host}:{port}", os.environ.get("RELAY_ADMIN_TOKEN") or token
 
@@ -45,8 +49,13 @@ class AdminClient:
         self.token = token
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             query: dict[str, str] | None = None) -> dict[str, Any]:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        query: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         url = self.base_url + path
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v})
@@ -65,16 +74,18 @@ class AdminClient:
             except ValueError:
                 detail = {}
             if exc.code == 401:
-                raise AdminError("the admin API refused the token: set admin.token in the "
-                                 "config or RELAY_ADMIN_TOKEN to the daemon's token") from None
+                raise AdminError(
+                    "the admin API refused the token: set admin.token in the "
+                    "config or RELAY_ADMIN_TOKEN to the daemon's token"
+                ) from None
             errors = detail.get("errors")
             message = "; ".join(errors) if errors else detail.get("error", exc.reason)
             raise AdminError(str(message)) from None
         except urllib.error.URLError as exc:
             reason = getattr(exc.reason, "strerror", None) or exc.reason
-            raise AdminError(f"cannot reach the relay daemon at {self.base_url}: {reason} "
-                             "(is it running? is admin.address/port right?)") from None
+            raise AdminError(
+                f"cannot reach the relay daemon at {self.base_url}: {reason} "
+                "(is it running? is admin.address/port right?)"
+            ) from None
         except (TimeoutError, OSError) as exc:
-            raise AdminError(f"no answer from the relay daemon at {self.base_url}: {exc}") \
-                from None
-
+            raise AdminError(f"no answer from the relay daemon at {self.base_url}: {exc}") from None

@@ -65,9 +65,15 @@ def build_app(relay: Relay) -> web.Application:
         limit = q.get("limit", "100")
         if not limit.isdigit():
             raise ValueError("limit must be a number")
-        return web.json_response(service.list_messages(
-            provider=q.get("provider"), class_name=q.get("class"), state=q.get("state"),
-            after=q.get("after"), limit=int(limit)))
+        return web.json_response(
+            service.list_messages(
+                provider=q.get("provider"),
+                class_name=q.get("class"),
+                state=q.get("state"),
+                after=q.get("after"),
+                limit=int(limit),
+            )
+        )
 
     async def queue_show(request: web.Request) -> web.Response:
         return web.json_response(service.show(request.match_info["id"]))
@@ -143,7 +149,8 @@ def build_app(relay: Relay) -> web.Application:
 async def start_admin(relay: Relay) -> web.AppRunner:
     runner = web.AppRunner(build_app(relay), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, relay.config.admin.address, relay.config.admin.port,
-                       reuse_address=True)
+    site = web.TCPSite(
+        runner, relay.config.admin.address, relay.config.admin.port, reuse_address=True
+    )
     await site.start()
     return runner

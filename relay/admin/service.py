@@ -70,9 +70,14 @@ class QueueService:
                 entry["orcpt"] = r.spec.orcpt
             recipients.append(entry)
         summary: dict[str, Any] = {
-            "id": message.id, "sender": envelope.sender, "size": envelope.size,
-            "arrival": envelope.received_at, "class": envelope.class_name,
-            "account": envelope.account, "held": message.held, "recipients": recipients,
+            "id": message.id,
+            "sender": envelope.sender,
+            "size": envelope.size,
+            "arrival": envelope.received_at,
+            "class": envelope.class_name,
+            "account": envelope.account,
+            "held": message.held,
+            "recipients": recipients,
         }
         if full:
             summary["envid"] = envelope.envid
@@ -88,9 +93,14 @@ class QueueService:
         end = data.find(b"\r\n\r\n")
         return data[: end if end >= 0 else len(data)].decode("utf-8", "replace")
 
-    def list_messages(self, provider: str | None = None, class_name: str | None = None,
-             state: str | None = None, after: str | None = None,
-             limit: int = 100) -> dict[str, Any]:
+    def list_messages(
+        self,
+        provider: str | None = None,
+        class_name: str | None = None,
+        state: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> dict[str, Any]:
         if state is not None and state not in STATES:
             raise ValueError(f"state must be one of {', '.join(STATES)}")
 
@@ -109,8 +119,11 @@ class QueueService:
 
         registry = self._relay.registry
         found, cursor = registry.page(after, max(1, min(limit, 1000)), accept)
-        return {"messages": [self._summary(m) for m in found], "next": cursor,
-                "total": len(registry)}
+        return {
+            "messages": [self._summary(m) for m in found],
+            "next": cursor,
+            "total": len(registry),
+        }
 
     def message(self, message_id: str) -> QueuedMessage:
         message = self._relay.registry.get(message_id)
@@ -124,10 +137,16 @@ class QueueService:
     def providers(self) -> list[dict[str, Any]]:
         rows = []
         for lane in sorted(self._relay.dispatcher.lanes.values(), key=lambda x: x.key):
-            rows.append({"queue": lane.key, "provider": lane.destination.provider,
-                         "suspended": lane.suspended, "paused": lane.paused,
-                         "pending_batches": lane.pending,
-                         "max_connections": lane.shaper.max_connections()})
+            rows.append(
+                {
+                    "queue": lane.key,
+                    "provider": lane.destination.provider,
+                    "suspended": lane.suspended,
+                    "paused": lane.paused,
+                    "pending_batches": lane.pending,
+                    "max_connections": lane.shaper.max_connections(),
+                }
+            )
         return rows
 
     # acting
@@ -137,17 +156,29 @@ class QueueService:
         (rule suspensions stay: lift them with resume)."""
         if message_id is not None:
             self.message(message_id)
-        count = self._relay.scheduler.flush(lambda m, r: (
-            (message_id is None or m.id == message_id)
-            and (provider is None or (r.destination is not None
-                                      and r.destination.provider == provider))))
+        count = self._relay.scheduler.flush(
+            lambda m, r: (
+                (message_id is None or m.id == message_id)
+                and (
+                    provider is None
+                    or (r.destination is not None and r.destination.provider == provider)
+                )
+            )
+        )
         if message_id is None:
             for lane in list(self._relay.dispatcher.lanes.values()):
-                if (provider is None or lane.destination.provider == provider) \
-                        and lane.paused and lane.suspended is None:
+                if (
+                    (provider is None or lane.destination.provider == provider)
+                    and lane.paused
+                    and lane.suspended is None
+                ):
                     lane.resume()
-        log.info("flush provider=%s id=%s: %d recipients due now", provider or "*",
-                 message_id or "*", count)
+        log.info(
+            "flush provider=%s id=%s: %d recipients due now",
+            provider or "*",
+            message_id or "*",
+            count,
+        )
         return count
 
     async def hold(self, message_id: str) -> None:
@@ -176,8 +207,9 @@ class QueueService:
         """Gone without a DSN (postsuper -d); an attempt in flight is not recorded."""
         message = self.message(message_id)
         message.deleted = True
-        self._relay.stats.move(message, [r for r in message.recipients
-                                         if r.where is not Where.FLIGHT], Where.NOWHERE)
+        self._relay.stats.move(
+            message, [r for r in message.recipients if r.where is not Where.FLIGHT], Where.NOWHERE
+        )
         await self._relay.spool.remove(message_id)
         self._relay.registry.remove(message_id)
         log.info("id=%s deleted by the administrator", message_id)
@@ -186,8 +218,9 @@ class QueueService:
         """Return every waiting recipient to the sender with a DSN."""
         message = self.message(message_id)
         reply = Reply.local(550, "5.0.0", "message returned to sender by the administrator")
-        waiting = [r for r in message.recipients
-                   if not r.status.is_final and r.where is not Where.FLIGHT]
+        waiting = [
+            r for r in message.recipients if not r.status.is_final and r.where is not Where.FLIGHT
+        ]
         by_provider: dict[str, list[Recipient]] = defaultdict(list)
         for r in waiting:
             by_provider[r.destination.provider if r.destination else "default"].append(r)
@@ -195,7 +228,8 @@ class QueueService:
             self._relay.stats.move(message, recipients, Where.FLIGHT)
             batch = Batch(message, recipients, recipients[0].domain, "admin")
             await self._relay.outcomes.settle(
-                batch, [Attempt(r, reply, Verdict.BOUNCED) for r in recipients], None, provider)
+                batch, [Attempt(r, reply, Verdict.BOUNCED) for r in recipients], None, provider
+            )
         log.info("id=%s bounced by the administrator (%d recipients)", message_id, len(waiting))
         return len(waiting)
 

@@ -23,12 +23,13 @@ FULL_RETURN_LIMIT = 50 * 1024
 class Failure:
     recipient: EnvelopeRecipient
     reply: Reply
-    remote_mta: str | None   # host name when the reply came from a remote server
-    action: str = "failed"   # failed | delayed
+    remote_mta: str | None  # host name when the reply came from a remote server
+    action: str = "failed"  # failed | delayed
 
 
 def _date(timestamp: float) -> str:
     from datetime import datetime
+
     return format_datetime(localtime(datetime.fromtimestamp(timestamp, UTC)))
 
 
@@ -41,19 +42,24 @@ def _clean(text: str) -> str:
     return " ".join(text.split())
 
 
-def build_dsn(hostname: str, envelope: Envelope, failures: list[Failure], original: bytes,
-              now: float) -> bytes:
+def build_dsn(
+    hostname: str, envelope: Envelope, failures: list[Failure], original: bytes, now: float
+) -> bytes:
     boundary = f"{envelope.id}.{secrets.token_hex(8)}/{hostname}"
     delayed = all(f.action == "delayed" for f in failures)
-    subject = ("Delayed Mail (still being retried)" if delayed
-               else "Undelivered Mail Returned to Sender")
+    subject = (
+        "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
+    )
     human = [
         f"This is the mail system at host {hostname}.",
         "",
-        ("Your message could not be delivered yet to the recipients below. It is still "
-         "queued and will be retried; you need not send it again." if delayed else
-         "I'm sorry to have to inform you that your message could not be delivered to "
-         "one or more recipients. It's attached below."),
+        (
+            "Your message could not be delivered yet to the recipients below. It is still "
+            "queued and will be retried; you need not send it again."
+            if delayed
+            else "I'm sorry to have to inform you that your message could not be delivered to "
+            "one or more recipients. It's attached below."
+        ),
         "",
     ]
     for failure in failures:
@@ -89,35 +95,37 @@ def build_dsn(hostname: str, envelope: Envelope, failures: list[Failure], origin
     if not returned.endswith(b"\r\n"):
         returned += b"\r\n"
 
-    head = "\r\n".join([
-        f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
-        f"To: <{envelope.sender}>",
-        f"Subject: {subject}",
-        f"Date: {_date(now)}",
-        f"Message-ID: {make_msgid(domain=hostname)}",
-        "Auto-Submitted: auto-replied",
-        "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
-        "Content-Transfer-Encoding: 8bit",
-        "",
-        "This is a MIME-encapsulated message.",
-        "",
-        f"--{boundary}",
-        "Content-Description: Notification",
-        "Content-Type: text/plain; charset=utf-8",
-        "",
-        "\r\n".join(human),
-        "",
-        f"--{boundary}",
-        "Content-Description: Delivery report",
-        "Content-Type: message/delivery-status",
-        "",
-        "\r\n\r\n".join(blocks),
-        "",
-        f"--{boundary}",
-        f"Content-Description: {'Undelivered Message' if full else 'Undelivered Message Headers'}",
-        f"Content-Type: {returned_type}",
-        "",
-        "",
-    ])
+    head = "\r\n".join(
+        [
+            f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
+            f"To: <{envelope.sender}>",
+            f"Subject: {subject}",
+            f"Date: {_date(now)}",
+            f"Message-ID: {make_msgid(domain=hostname)}",
+            "Auto-Submitted: auto-replied",
+            "MIME-Version: 1.0",
+            f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+            "Content-Transfer-Encoding: 8bit",
+            "",
+            "This is a MIME-encapsulated message.",
+            "",
+            f"--{boundary}",
+            "Content-Description: Notification",
+            "Content-Type: text/plain; charset=utf-8",
+            "",
+            "\r\n".join(human),
+            "",
+            f"--{boundary}",
+            "Content-Description: Delivery report",
+            "Content-Type: message/delivery-status",
+            "",
+            "\r\n\r\n".join(blocks),
+            "",
+            f"--{boundary}",
+            f"Content-Description: {'Undelivered Message' if full else 'Undelivered Message Headers'}",
+            f"Content-Type: {returned_type}",
+            "",
+            "",
+        ]
+    )
     return head.encode("utf-8") + returned + f"\r\n--{boundary}--\r\n".encode()

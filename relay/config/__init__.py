@@ -16,7 +16,20 @@ from relay.config.model import (
 from relay.config.units import Rate, parse_duration, parse_rate, parse_size
 
 __all__ = [
-    "Account", "Config", "Delivery", "Listener", "Provider", "Rate", "Retry", "Rule", "Secret",
-    "Shaping", "TrafficClass", "load_config", "parse_config", "parse_duration", "parse_rate",
+    "Account",
+    "Config",
+    "Delivery",
+    "Listener",
+    "Provider",
+    "Rate",
+    "Retry",
+    "Rule",
+    "Secret",
+    "Shaping",
+    "TrafficClass",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_rate",
     "parse_size",
 ]

@@ -97,17 +97,20 @@ class _Node:
 def _expand_env(value: Any, path: str, problems: _Problems) -> Any:
     """Replace ${VAR} in every string; a missing variable is a problem at its key path."""
     if isinstance(value, dict):
-        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), problems)
-                for k, v in value.items()}
+        return {
+            k: _expand_env(v, f"{path}.{k}" if path else str(k), problems) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_expand_env(v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
     if isinstance(value, str) and "${" in value:
+
         def substitute(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in os.environ:
                 problems.add(path, f"environment variable {name} is not set")
                 return ""
             return os.environ[name]
+
         return _ENV.sub(substitute, value)
     return value
 
@@ -117,8 +120,9 @@ def _rules(node: _Node, name: str) -> tuple[m.Rule, ...]:
     for path, raw in node.items(name):
         rule_node = _Node(raw, path, node.problems)
         pattern = rule_node.get("match", v.regex, _MISSING)
-        action = rule_node.get("action", v.choice("retry", "bounce", "suspend", "throttle"),
-                               _MISSING)
+        action = rule_node.get(
+            "action", v.choice("retry", "bounce", "suspend", "throttle"), _MISSING
+        )
         duration = rule_node.get("for", parse_duration, None)
         rate = rule_node.get("rate", parse_rate, None)
         max_connections = rule_node.get("max_connections", v.integer(1), None)
@@ -134,25 +138,31 @@ def _rules(node: _Node, name: str) -> tuple[m.Rule, ...]:
 
 def _shaping(node: _Node, base: m.Shaping | None, delivery_tls: str) -> m.Shaping:
     """Read shaping keys; a provider inherits each key it leaves out from `defaults`."""
+
     def inherit(name: str, fallback: Any) -> Any:
         return getattr(base, name) if base is not None else fallback
 
     return m.Shaping(
         max_connections=node.get("max_connections", v.integer(1), inherit("max_connections", 10)),
         max_messages_per_connection=node.get(
-            "max_messages_per_connection", v.integer(1),
-            inherit("max_messages_per_connection", 100)),
+            "max_messages_per_connection", v.integer(1), inherit("max_messages_per_connection", 100)
+        ),
         max_recipients_per_message=node.get(
-            "max_recipients_per_message", v.integer(1, 1000),
-            inherit("max_recipients_per_message", 100)),
+            "max_recipients_per_message",
+            v.integer(1, 1000),
+            inherit("max_recipients_per_message", 100),
+        ),
         rate=node.get("rate", v.optional(parse_rate), inherit("rate", None)),
-        connection_rate=node.get("connection_rate", v.optional(parse_rate),
-                                 inherit("connection_rate", None)),
-        recipient_rate=node.get("recipient_rate", v.optional(parse_rate),
-                                inherit("recipient_rate", None)),
+        connection_rate=node.get(
+            "connection_rate", v.optional(parse_rate), inherit("connection_rate", None)
+        ),
+        recipient_rate=node.get(
+            "recipient_rate", v.optional(parse_rate), inherit("recipient_rate", None)
+        ),
         route=node.get("route", v.optional(v.host_port(25)), inherit("route", None)),
-        tls=node.get("tls", v.choice("opportunistic", "required", "disabled"),
-                     inherit("tls", delivery_tls)),
+        tls=node.get(
+            "tls", v.choice("opportunistic", "required", "disabled"), inherit("tls", delivery_tls)
+        ),
         rules=_rules(node, "rules"),
     )
 
@@ -174,11 +184,16 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         detect = cnode.get("detect", v.string_list, ())
         for item in detect:
             if item not in DETECTORS:
-                problems.add(cnode.key("detect"),
-                             f"unknown detector {item!r}; expected {', '.join(DETECTORS)}")
+                problems.add(
+                    cnode.key("detect"),
+                    f"unknown detector {item!r}; expected {', '.join(DETECTORS)}",
+                )
         classes[name] = m.TrafficClass(
-            name, cnode.get("priority", v.integer(0, 1000), 1), cnode.get("rate", parse_rate, None),
-            detect)
+            name,
+            cnode.get("priority", v.integer(0, 1000), 1),
+            cnode.get("rate", parse_rate, None),
+            detect,
+        )
         cnode.finish()
 
     def class_name(value: Any) -> str:
@@ -188,20 +203,26 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         return text
 
     listeners = []
-    listener_items = root.items("listeners") if root.has("listeners") else [
-        ("listeners[0]", {"name": "submission"})]
+    listener_items = (
+        root.items("listeners")
+        if root.has("listeners")
+        else [("listeners[0]", {"name": "submission"})]
+    )
     for path, body in listener_items:
         lnode = _Node(body, path, problems)
-        listeners.append(m.Listener(
-            name=lnode.get("name", v.string, path),
-            address=lnode.get("address", v.ip_address, "0.0.0.0"),
-            port=lnode.get("port", v.integer(0, 65535), 587),
-            tls=lnode.get("tls", v.choice("none", "starttls", "implicit"), "starttls"),
-            auth=lnode.get("auth", v.choice("required", "none"), "required"),
-            class_name=lnode.get("class", class_name, "transactional"),
-            trusted_networks=lnode.get(
-                "trusted_networks", lambda raw: tuple(map(v.network, v.string_list(raw))), ()),
-        ))
+        listeners.append(
+            m.Listener(
+                name=lnode.get("name", v.string, path),
+                address=lnode.get("address", v.ip_address, "0.0.0.0"),
+                port=lnode.get("port", v.integer(0, 65535), 587),
+                tls=lnode.get("tls", v.choice("none", "starttls", "implicit"), "starttls"),
+                auth=lnode.get("auth", v.choice("required", "none"), "required"),
+                class_name=lnode.get("class", class_name, "transactional"),
+                trusted_networks=lnode.get(
+                    "trusted_networks", lambda raw: tuple(map(v.network, v.string_list(raw))), ()
+                ),
+            )
+        )
         lnode.finish()
     if not listeners:
         problems.add("listeners", "at least one listener is required")
@@ -239,8 +260,9 @@ def parse_config(raw: object, source: str = "") -> m.Config:
 
     dnode = root.child("dns")
     dns = m.Dns(
-        nameservers=dnode.get("nameservers", lambda raw: tuple(
-            v.host_port(53)(x) for x in v.string_list(raw)), ()),
+        nameservers=dnode.get(
+            "nameservers", lambda raw: tuple(v.host_port(53)(x) for x in v.string_list(raw)), ()
+        ),
         timeout=dnode.get("timeout", parse_duration, 5.0),
     )
     dnode.finish()
@@ -251,13 +273,15 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         name = acnode.get("name", v.string, _MISSING)
         if name and any(a.name == name for a in accounts):
             problems.add(acnode.key("name"), f"account {name!r} is defined twice")
-        accounts.append(m.Account(
-            name=name,
-            password=acnode.get("password", v.password, _MISSING),
-            senders=acnode.get("senders", v.string_list, _MISSING),
-            class_name=acnode.get("class", class_name, None),
-            rate=acnode.get("rate", v.optional(parse_rate), None),
-        ))
+        accounts.append(
+            m.Account(
+                name=name,
+                password=acnode.get("password", v.password, _MISSING),
+                senders=acnode.get("senders", v.string_list, _MISSING),
+                class_name=acnode.get("class", class_name, None),
+                rate=acnode.get("rate", v.optional(parse_rate), None),
+            )
+        )
         acnode.finish()
 
     dlv = root.child("delivery")
@@ -291,8 +315,11 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     pnode.used.update(str(k) for k in pnode.data)
     for name, body in pnode.data.items():
         if name == "default":
-            problems.add(pnode.key(name), '"default" is reserved for destinations without a '
-                         "provider; tune them under defaults")
+            problems.add(
+                pnode.key(name),
+                '"default" is reserved for destinations without a '
+                "provider; tune them under defaults",
+            )
         prov = _Node(body, pnode.key(str(name)), problems)
         domains = prov.get("domains", v.string_list, ())
         mx = prov.get("mx", v.string_list, ())
@@ -300,8 +327,11 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         prov.finish()
         if not domains and not mx and shaping.route is None:
             problems.add(prov.path, 'needs "domains" or "mx" to know which mail is its own')
-        providers.append(m.Provider(str(name), tuple(d.lower() for d in domains),
-                                    tuple(x.lower() for x in mx), shaping))
+        providers.append(
+            m.Provider(
+                str(name), tuple(d.lower() for d in domains), tuple(x.lower() for x in mx), shaping
+            )
+        )
 
     rules = _rules(root, "rules")
 
@@ -317,10 +347,22 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     if problems.items:
         raise ConfigError(problems.items)
     return m.Config(
-        hostname=hostname, listeners=tuple(listeners), tls=tls, limits=limits,
-        spool_path=spool_path, admin=admin, dns=dns, accounts=tuple(accounts), classes=classes,
-        delivery=delivery, retry=retry, defaults=defaults, providers=tuple(providers),
-        rules=rules, cluster=cluster, source=source,
+        hostname=hostname,
+        listeners=tuple(listeners),
+        tls=tls,
+        limits=limits,
+        spool_path=spool_path,
+        admin=admin,
+        dns=dns,
+        accounts=tuple(accounts),
+        classes=classes,
+        delivery=delivery,
+        retry=retry,
+        defaults=defaults,
+        providers=tuple(providers),
+        rules=rules,
+        cluster=cluster,
+        source=source,
     )
 
 

@@ -12,13 +12,31 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
 _SIZE_UNITS = {
-    None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
-    "KB": 1000, "MB": 1000**2, "GB": 1000**3, "k": 1024, "K": 1024, "M": 1024**2, "G": 1024**3,
+    None: 1,
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "k": 1024,
+    "K": 1024,
+    "M": 1024**2,
+    "G": 1024**3,
 }
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
 _RATE_UNITS = {
-    "s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
-    "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0,
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
 }
 
 
@@ -39,7 +57,7 @@ class Rate:
 
 
 def parse_duration(value: object) -> float:
-    """"30s", "5m", "4h", "5d" (a bare number is seconds) → seconds."""
+    """ "30s", "5m", "4h", "5d" (a bare number is seconds) → seconds."""
     if isinstance(value, bool):
         raise ValueError('expected a duration like "30s", "5m", "4h" or "5d"')
     if isinstance(value, int | float):
@@ -53,7 +71,7 @@ def parse_duration(value: object) -> float:
 
 
 def parse_size(value: object) -> int:
-    """"512KiB", "25MiB" (a bare number is bytes) → bytes."""
+    """ "512KiB", "25MiB" (a bare number is bytes) → bytes."""
     if isinstance(value, bool):
         raise ValueError('expected a size like "512KiB" or "25MiB"')
     if isinstance(value, int):
@@ -67,7 +85,7 @@ def parse_size(value: object) -> int:
 
 
 def parse_rate(value: object) -> Rate:
-    """"300/min", "10/s", "2000/h", "5000/d" → Rate."""
+    """ "300/min", "10/s", "2000/h", "5000/d" → Rate."""
     match = _RATE.match(str(value)) if isinstance(value, str) else None
     if not match:
         raise ValueError(f'expected "N/unit" like "300/min", got {value!r}')

@@ -22,6 +22,7 @@ def integer(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int
             upper = f" and at most {maximum}" if maximum is not None else ""
             raise ValueError(f"expected at least {minimum}{upper}, got {value}")
         return value
+
     return parse
 
 
@@ -41,10 +42,12 @@ def string(value: Any) -> str:
 
 def choice(*options: str) -> Callable[[Any], Any]:
     """The value, if it is one of `options` (typed Any: the caller's Literal type)."""
+
     def parse(value: Any) -> Any:
         if value not in options:
             raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
         return str(value)
+
     return parse
 
 
@@ -72,7 +75,8 @@ def network(value: Any) -> m.IPNetwork:
 
 
 def host_port(default_port: int) -> Callable[[Any], tuple[str, int]]:
-    """"host", "host:port", "[v6]:port", "v6" → (host, port)."""
+    """ "host", "host:port", "[v6]:port", "v6" → (host, port)."""
+
     def parse(value: Any) -> tuple[str, int]:
         text = string(value)
         match = re.match(r"^\[([0-9A-Fa-f:.]+)\](?::(\d+))?$", text)
@@ -88,6 +92,7 @@ def host_port(default_port: int) -> Callable[[Any], tuple[str, int]]:
         if ":" not in host and not HOSTNAME.match(host):
             raise ValueError(f'expected "host" or "host:port", got {value!r}')
         return host, port_number
+
     return parse
 
 

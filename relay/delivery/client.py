@@ -31,8 +31,7 @@ log = logging.getLogger("relay.delivery")
 
 def _xtext(value: str) -> str:
     """RFC 3461 §4 xtext: '+', '=' and non-printables as +HH."""
-    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}"
-                   for c in value)
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in value)
 
 
 def wire_body(message: bytes) -> bytes:
@@ -58,7 +57,7 @@ class Connection:
 
     @property
     def description(self) -> str:
-        """"mx1.example.org[192.0.2.1]:25", as Postfix logs relay=."""
+        """ "mx1.example.org[192.0.2.1]:25", as Postfix logs relay=."""
         return f"{self.host}[{self.address}]:{self.port}"
 
     @property
@@ -78,13 +77,18 @@ class Connection:
         try:
             response = await self.smtp.execute_command(*args)
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise TransientDeliveryError(Reply.local(
-                451, "4.4.2", f"lost connection with {self.description} while sending "
-                f"{stage}: {exc}")) from exc
+            raise TransientDeliveryError(
+                Reply.local(
+                    451,
+                    "4.4.2",
+                    f"lost connection with {self.description} while sending {stage}: {exc}",
+                )
+            ) from exc
         return Reply.parse(response.code, response.message)
 
-    async def send(self, envelope: Envelope, recipients: Sequence[Recipient],
-                   message: bytes) -> dict[int, Reply]:
+    async def send(
+        self, envelope: Envelope, recipients: Sequence[Recipient], message: bytes
+    ) -> dict[int, Reply]:
         """Run one transaction; the reply that decides each recipient, by recipient index.
 
         Raises TransientDeliveryError when the connection fails midway: the caller
@@ -104,8 +108,9 @@ class Connection:
             options.append(b"RET=" + envelope.ret.encode())
         if dsn and envelope.envid:
             options.append(b"ENVID=" + _xtext(envelope.envid).encode())
-        mail = await self._command("MAIL FROM", b"MAIL",
-                                   b"FROM:<" + envelope.sender.encode() + b">", *options)
+        mail = await self._command(
+            "MAIL FROM", b"MAIL", b"FROM:<" + envelope.sender.encode() + b">", *options
+        )
         if not mail.is_success:
             await self._reset()
             return {r.index: mail for r in recipients}
@@ -150,9 +155,13 @@ class Connection:
             protocol.write(wire_body(message))
             response = await protocol.read_response(timeout=self.smtp.timeout)
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise TransientDeliveryError(Reply.local(
-                451, "4.4.2", f"lost connection with {self.description} while sending "
-                f"message body: {exc}")) from exc
+            raise TransientDeliveryError(
+                Reply.local(
+                    451,
+                    "4.4.2",
+                    f"lost connection with {self.description} while sending message body: {exc}",
+                )
+            ) from exc
         return Reply.parse(response.code, response.message)
 
     async def _reset(self) -> None:
@@ -177,8 +186,7 @@ class Connector:
         self._config = config
         self._resolver = resolver
 
-    async def open(self, domain: str, shaping: Shaping,
-                   rules: tuple[Rule, ...] = ()) -> Connection:
+    async def open(self, domain: str, shaping: Shaping, rules: tuple[Rule, ...] = ()) -> Connection:
         """Connect to the first host that greets well.
 
         A greeting or EHLO reply that matches a rule ends the search at once (raised as
@@ -213,36 +221,50 @@ class Connector:
                     last = exc.reply  # a 4xx/5xx greeting: Postfix tries the next MX too
         if all_permanent and last is not None:
             raise DnsPermanentError(last)
-        raise DestinationUnreachable(last or Reply.local(
-            451, "4.4.1", f"no MX host of {domain} could be reached"))
+        raise DestinationUnreachable(
+            last or Reply.local(451, "4.4.1", f"no MX host of {domain} could be reached")
+        )
 
-    async def _connect(self, destination: str, host: str, address: str, port: int,
-                       tls: DeliveryTls) -> Connection:
+    async def _connect(
+        self, destination: str, host: str, address: str, port: int, tls: DeliveryTls
+    ) -> Connection:
         delivery = self._config.delivery
         smtp = aiosmtplib.SMTP(
-            hostname=address, port=port, local_hostname=self._config.hostname,
+            hostname=address,
+            port=port,
+            local_hostname=self._config.hostname,
             source_address=(delivery.source_address, 0) if delivery.source_address else None,
-            timeout=delivery.command_timeout, start_tls=False, validate_certs=False)
+            timeout=delivery.command_timeout,
+            start_tls=False,
+            validate_certs=False,
+        )
         where = f"{host}[{address}]:{port}"
         try:
             await smtp.connect(timeout=delivery.connect_timeout)
             await _greet(smtp)
             if tls != "disabled" and smtp.supports_extension("starttls"):
                 try:
-                    await smtp.starttls(server_hostname=host, validate_certs=tls == "required",
-                                        tls_context=_client_context(tls))
+                    await smtp.starttls(
+                        server_hostname=host,
+                        validate_certs=tls == "required",
+                        tls_context=_client_context(tls),
+                    )
                     await _greet(smtp)  # RFC 3207 §4.2: the server forgot everything
                 except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
                     smtp.close()
                     if tls == "required":
-                        raise TransientDeliveryError(Reply.local(
-                            451, "4.7.5", f"TLS with {where} failed: {exc}")) from exc
+                        raise TransientDeliveryError(
+                            Reply.local(451, "4.7.5", f"TLS with {where} failed: {exc}")
+                        ) from exc
                     log.warning("STARTTLS with %s failed (%s); retrying without TLS", where, exc)
                     return await self._connect(destination, host, address, port, "disabled")
             elif tls == "required":
                 smtp.close()
-                raise TransientDeliveryError(Reply.local(
-                    451, "4.7.4", f"TLS is required but {where} does not offer STARTTLS"))
+                raise TransientDeliveryError(
+                    Reply.local(
+                        451, "4.7.4", f"TLS is required but {where} does not offer STARTTLS"
+                    )
+                )
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
             reply = Reply.parse(exc.code, exc.message)
@@ -250,8 +272,9 @@ class Connector:
             raise error(reply) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
-            raise TransientDeliveryError(Reply.local(
-                451, "4.4.1", f"connect to {where} failed: {exc or type(exc).__name__}")) from exc
+            raise TransientDeliveryError(
+                Reply.local(451, "4.4.1", f"connect to {where} failed: {exc or type(exc).__name__}")
+            ) from exc
         return Connection(smtp, destination, host, address, port)
 
 

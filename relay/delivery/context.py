@@ -19,7 +19,7 @@ Requeue = Callable[[QueuedMessage, list[Recipient]], None]
 
 @dataclass
 class LaneContext:
-    config: Config          # replaced on reload
+    config: Config  # replaced on reload
     connector: Connector
     outcomes: Outcomes
     spool: Spool

@@ -15,14 +15,15 @@ class Dispatcher:
         self.context = context
         self.lanes: dict[str, Lane] = {}
 
-    def enqueue(self, destination: Destination, message: QueuedMessage,
-                recipients: list[Recipient]) -> None:
+    def enqueue(
+        self, destination: Destination, message: QueuedMessage, recipients: list[Recipient]
+    ) -> None:
         """Recipients of one domain → batches of at most max_recipients_per_message."""
         lane = self.lane(destination)
         size = destination.shaping.max_recipients_per_message
         domain = recipients[0].domain
         for start in range(0, len(recipients), size):
-            lane.push(Batch(message, recipients[start:start + size], domain, lane.key))
+            lane.push(Batch(message, recipients[start : start + size], domain, lane.key))
 
     def lane(self, destination: Destination) -> Lane:
         lane = self.lanes.get(destination.lane_key)

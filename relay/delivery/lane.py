@@ -44,8 +44,9 @@ log = logging.getLogger("relay.delivery")
 
 
 class Lane:
-    def __init__(self, destination: Destination, context: LaneContext,
-                 on_idle: Callable[[Lane], None]) -> None:
+    def __init__(
+        self, destination: Destination, context: LaneContext, on_idle: Callable[[Lane], None]
+    ) -> None:
         self._ctx = context
         self._on_idle = on_idle
         self.reconfigure(destination)
@@ -56,9 +57,9 @@ class Lane:
         self._workers: set[asyncio.Task[None]] = set()
         self._idle = 0
         self._wakeup = asyncio.Event()
-        self._interrupt = asyncio.Event()   # set by pause and shutdown: rate waits end early
+        self._interrupt = asyncio.Event()  # set by pause and shutdown: rate waits end early
         self._paused_until = 0.0
-        self.suspended: str | None = None    # the reason, while a rule or an admin suspends
+        self.suspended: str | None = None  # the reason, while a rule or an admin suspends
         self._failures = 0
         self._resume: asyncio.TimerHandle | None = None
         self._sweeps: set[asyncio.Task[None]] = set()
@@ -102,8 +103,9 @@ class Lane:
         if queue is None:
             queue = self._ready[batch.class_name] = deque()
             classes = self._config.classes
-            self._order = sorted(self._ready, key=lambda name: -(
-                classes[name].priority if name in classes else 0))
+            self._order = sorted(
+                self._ready, key=lambda name: -(classes[name].priority if name in classes else 0)
+            )
         queue.append(batch)
         self.pending += 1
         self._ctx.stats.move(batch.message, batch.recipients, Where.LANE)
@@ -215,7 +217,7 @@ class Lane:
                 batch, wait = self._take()
                 if batch is None:
                     if wait is not None:
-                        await self._sleep(wait)   # a rate allows the next one then
+                        await self._sleep(wait)  # a rate allows the next one then
                         continue
                     if connection is None or not await self._wait_for_work():
                         break
@@ -297,8 +299,10 @@ class Lane:
 
     async def _deliver(self, batch: Batch, connection: Connection | None) -> Connection | None:
         if connection is not None and (
-                not connection.usable or connection.destination != self._destination_key(batch)
-                or connection.transactions >= self.shaping.max_messages_per_connection):
+            not connection.usable
+            or connection.destination != self._destination_key(batch)
+            or connection.transactions >= self.shaping.max_messages_per_connection
+        ):
             await self._close(connection)
             connection = None
         if connection is None:
@@ -307,11 +311,13 @@ class Lane:
                 return None
         try:
             message = await self._ctx.spool.load_message(
-                batch.message.id, batch.message.body_offset, batch.message.envelope.size)
+                batch.message.id, batch.message.body_offset, batch.message.envelope.size
+            )
         except SpoolError as exc:
             log.error("id=%s cannot be read from the spool: %s", batch.message.id, exc)
-            await self._settle(batch, Reply.local(451, "4.3.0", "spool read error"),
-                               Verdict.DEFERRED, None)
+            await self._settle(
+                batch, Reply.local(451, "4.3.0", "spool read error"), Verdict.DEFERRED, None
+            )
             return connection
         fallback: Reply | None = None
         try:
@@ -322,15 +328,21 @@ class Lane:
         attempts: list[Attempt] = []
         fired: dict[int, tuple[Rule, Reply]] = {}
         for recipient in batch.recipients:
-            reply = replies.get(recipient.index) or fallback or Reply.local(
-                451, "4.4.2", f"{connection.description} closed the session before RCPT")
+            reply = (
+                replies.get(recipient.index)
+                or fallback
+                or Reply.local(
+                    451, "4.4.2", f"{connection.description} closed the session before RCPT"
+                )
+            )
             verdict = classify(reply, self._rules)
             attempts.append(Attempt(recipient, reply, verdict.verdict))
             if verdict.rule is not None:
                 fired.setdefault(id(verdict.rule), (verdict.rule, reply))
         self._count_replies(list(replies.values()))
-        await self._ctx.outcomes.settle(batch, attempts, connection.description,
-                                        self.destination.provider)
+        await self._ctx.outcomes.settle(
+            batch, attempts, connection.description, self.destination.provider
+        )
         for rule, reply in fired.values():
             self._apply(rule, reply)
         if any(a.verdict is Verdict.DELIVERED for a in attempts) and self.shaper.succeeded():
@@ -340,8 +352,9 @@ class Lane:
             return None
         return connection
 
-    async def _settle(self, batch: Batch, reply: Reply, verdict: Verdict,
-                      relay: str | None) -> None:
+    async def _settle(
+        self, batch: Batch, reply: Reply, verdict: Verdict, relay: str | None
+    ) -> None:
         attempts = [Attempt(r, reply, verdict) for r in batch.recipients]
         await self._ctx.outcomes.settle(batch, attempts, relay, self.destination.provider)
 
@@ -354,9 +367,14 @@ class Lane:
             self.suspend(rule.duration, str(reply))
         elif rule.action == "throttle":
             self.shaper.throttle(rule)
-            log.warning("provider=%s throttled for %.0fs (rate=%s max_connections=%s): %s",
-                        self.destination.provider, rule.duration or 0, rule.rate or "-",
-                        rule.max_connections or "-", reply)
+            log.warning(
+                "provider=%s throttled for %.0fs (rate=%s max_connections=%s): %s",
+                self.destination.provider,
+                rule.duration or 0,
+                rule.rate or "-",
+                rule.max_connections or "-",
+                reply,
+            )
 
     def suspend(self, duration: float, reason: str, persist: bool = True) -> None:
         """No new transaction for `duration`; in-flight ones finish, waiting mail stays."""
@@ -365,8 +383,14 @@ class Lane:
         if persist:
             self._ctx.suspensions.set(self.key, time.time() + duration, reason)
         self.suspended = reason
-        log.warning("provider=%s lane=%s suspended for %.0fs%s: %s", self.destination.provider,
-                    self.key, duration, "" if persist else " (restored)", reason)
+        log.warning(
+            "provider=%s lane=%s suspended for %.0fs%s: %s",
+            self.destination.provider,
+            self.key,
+            duration,
+            "" if persist else " (restored)",
+            reason,
+        )
         self._pause(duration)
 
     def resume(self) -> None:
@@ -395,13 +419,14 @@ class Lane:
         if self._resume is not None:
             self._resume.cancel()
         self._resume = asyncio.get_running_loop().call_later(duration, self._resume_due)
-        self.wake()   # idle and waiting workers notice and close their connections
+        self.wake()  # idle and waiting workers notice and close their connections
 
     def _resume_due(self) -> None:
         self._resume = None
-        if self.paused:   # extended meanwhile
+        if self.paused:  # extended meanwhile
             self._resume = asyncio.get_running_loop().call_later(
-                self._paused_until - time.monotonic(), self._resume_due)
+                self._paused_until - time.monotonic(), self._resume_due
+            )
             return
         self.resume()
 
@@ -409,8 +434,13 @@ class Lane:
         """Back off the whole lane; expire what waited too long while it was down."""
         self._failures += 1
         delay = backoff(self._config.retry, self._failures)
-        log.warning("provider=%s destination=%s unreachable, queue deferred for %.0fs: %s",
-                    self.destination.provider, self.key, delay, reply)
+        log.warning(
+            "provider=%s destination=%s unreachable, queue deferred for %.0fs: %s",
+            self.destination.provider,
+            self.key,
+            delay,
+            reply,
+        )
         self._pause(delay)
         self._sweep_expired(reply)
 

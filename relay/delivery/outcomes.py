@@ -46,8 +46,16 @@ def _notify(spec: EnvelopeRecipient, event: str) -> bool:
 
 
 class Outcomes:
-    def __init__(self, config: Config, spool: Spool, requeue: Requeue, inject: Inject,
-                 registry: Registry, stats: QueueStats, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        requeue: Requeue,
+        inject: Inject,
+        registry: Registry,
+        stats: QueueStats,
+        metrics: Metrics,
+    ) -> None:
         self.config = config
         self._spool = spool
         self._requeue = requeue
@@ -56,16 +64,18 @@ class Outcomes:
         self._stats = stats
         self._metrics = metrics
 
-    async def settle(self, batch: Batch, attempts: list[Attempt], relay: str | None,
-                     provider: str) -> None:
+    async def settle(
+        self, batch: Batch, attempts: list[Attempt], relay: str | None, provider: str
+    ) -> None:
         """Apply one attempt's results; shielded so a cancelled worker cannot lose them."""
         await asyncio.shield(self._settle(batch, attempts, relay, provider))
 
-    async def _settle(self, batch: Batch, attempts: list[Attempt], relay: str | None,
-                      provider: str) -> None:
+    async def _settle(
+        self, batch: Batch, attempts: list[Attempt], relay: str | None, provider: str
+    ) -> None:
         message = batch.message
         envelope = message.envelope
-        if message.deleted:   # an admin deleted it while this attempt was in flight
+        if message.deleted:  # an admin deleted it while this attempt was in flight
             self._stats.move(message, [a.recipient for a in attempts], Where.NOWHERE)
             return
         now = time.time()
@@ -78,14 +88,18 @@ class Outcomes:
             recipient, reply = attempt.recipient, attempt.reply
             recipient.attempts += 1
             verdict = attempt.verdict
-            status = {Verdict.DELIVERED: RecipientStatus.DELIVERED,
-                      Verdict.BOUNCED: RecipientStatus.BOUNCED,
-                      Verdict.DEFERRED: RecipientStatus.DEFERRED}[verdict]
+            status = {
+                Verdict.DELIVERED: RecipientStatus.DELIVERED,
+                Verdict.BOUNCED: RecipientStatus.BOUNCED,
+                Verdict.DEFERRED: RecipientStatus.DEFERRED,
+            }[verdict]
             if verdict is Verdict.DEFERRED and expired(retry, envelope.received_at, now):
                 status = RecipientStatus.EXPIRED
-                reply = Reply.local(reply.code if reply.is_permanent else 550,
-                                    "5.4.7" if not reply.is_permanent else reply.status,
-                                    f"delivery time expired (last reply: {reply})")
+                reply = Reply.local(
+                    reply.code if reply.is_permanent else 550,
+                    "5.4.7" if not reply.is_permanent else reply.status,
+                    f"delivery time expired (last reply: {reply})",
+                )
             recipient.status = status
             recipient.last_reply = str(reply)
             # Remote-MTA only when a remote server gave this reply (not for our own expiry).
@@ -95,9 +109,13 @@ class Outcomes:
             if status is RecipientStatus.DEFERRED:
                 recipient.next_attempt = now + backoff(retry, recipient.attempts)
                 deferred.append(recipient)
-                if (retry.warn_after is not None and not recipient.warned
-                        and now - envelope.received_at >= retry.warn_after
-                        and envelope.sender and _notify(recipient.spec, "DELAY")):
+                if (
+                    retry.warn_after is not None
+                    and not recipient.warned
+                    and now - envelope.received_at >= retry.warn_after
+                    and envelope.sender
+                    and _notify(recipient.spec, "DELAY")
+                ):
                     recipient.warned = True
                     delays.append(Failure(recipient.spec, reply, remote, action="delayed"))
             elif status in (RecipientStatus.BOUNCED, RecipientStatus.EXPIRED):
@@ -106,13 +124,20 @@ class Outcomes:
             outcome = {RecipientStatus.EXPIRED: "expired"}.get(status, verdict.value)
             self._metrics.deliveries.labels(provider, class_name, outcome).inc()
             if status.is_final:
-                self._metrics.delay.labels(provider, class_name).observe(
-                    now - envelope.received_at)
+                self._metrics.delay.labels(provider, class_name).observe(now - envelope.received_at)
                 self._stats.move(message, [recipient], Where.NOWHERE)
             log.info(
                 "id=%s to=<%s> provider=%s relay=%s delay=%.1f attempt=%d dsn=%s status=%s (%s)",
-                envelope.id, recipient.address, provider, relay or "none",
-                now - envelope.received_at, recipient.attempts, reply.status, outcome, reply)
+                envelope.id,
+                recipient.address,
+                provider,
+                relay or "none",
+                now - envelope.received_at,
+                recipient.attempts,
+                reply.status,
+                outcome,
+                reply,
+            )
 
         for notices in (failures, delays):
             if not notices:
@@ -122,8 +147,9 @@ class Outcomes:
             except SpoolError as exc:
                 # No DSN without a place to store it: keep those recipients and try again,
                 # rather than fail them silently.
-                log.error("id=%s cannot store a DSN (%s): its recipients stay queued",
-                          envelope.id, exc)
+                log.error(
+                    "id=%s cannot store a DSN (%s): its recipients stay queued", envelope.id, exc
+                )
                 if notices is failures:
                     deferred += self._keep(message, failures, now)
         if message.done:
@@ -139,8 +165,7 @@ class Outcomes:
         if deferred:
             self._requeue(message, deferred)
 
-    def _keep(self, message: QueuedMessage, failures: list[Failure],
-              now: float) -> list[Recipient]:
+    def _keep(self, message: QueuedMessage, failures: list[Failure], now: float) -> list[Recipient]:
         """Undo the failure of recipients whose DSN could not be stored."""
         addresses = {f.recipient.address for f in failures}
         kept = []
@@ -154,13 +179,18 @@ class Outcomes:
 
     async def _bounce(self, message: QueuedMessage, failures: list[Failure], now: float) -> None:
         envelope = message.envelope
-        original = await self._spool.load_message(envelope.id, message.body_offset,
-                                                  envelope.size)
+        original = await self._spool.load_message(envelope.id, message.body_offset, envelope.size)
         dsn = build_dsn(self.config.hostname, envelope, failures, original, now)
         dsn_envelope = Envelope(
-            id=self._spool.new_id(), sender="",
-            recipients=(EnvelopeRecipient(envelope.sender),), received_at=now, size=len(dsn),
-            class_name="transactional", account="MAILER-DAEMON", smtputf8=envelope.smtputf8)
+            id=self._spool.new_id(),
+            sender="",
+            recipients=(EnvelopeRecipient(envelope.sender),),
+            received_at=now,
+            size=len(dsn),
+            class_name="transactional",
+            account="MAILER-DAEMON",
+            smtputf8=envelope.smtputf8,
+        )
         await self._inject(dsn_envelope, dsn)
         kind = "delay" if failures[0].action == "delayed" else "non-delivery"
         log.info("id=%s sender %s notification: %s", envelope.id, kind, dsn_envelope.id)

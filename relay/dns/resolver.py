@@ -43,7 +43,8 @@ class Resolver:
         self._resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
         if config.nameservers:
             self._resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(host, port) for host, port in config.nameservers]
+                dns.nameserver.Do53Nameserver(host, port) for host, port in config.nameservers
+            ]
         # `dns.timeout` bounds a whole lookup; within it a lost datagram is asked again
         # (dnspython retries until the lifetime runs out), as libc's resolver does.
         self._resolver.lifetime = config.timeout
@@ -51,25 +52,35 @@ class Resolver:
         self._resolver.cache = dns.resolver.Cache()
         self._in_flight = asyncio.Semaphore(MAX_QUERIES)
 
-    async def _query(self, name: str,
-                     rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer | None:
+    async def _query(
+        self, name: str, rdtype: dns.rdatatype.RdataType
+    ) -> dns.resolver.Answer | None:
         """The answer, None when the name exists without such records; NXDOMAIN raises."""
         try:
             async with self._in_flight:
                 return await self._resolver.resolve(name, rdtype, search=False)
         except dns.resolver.NXDOMAIN as exc:
-            raise DnsPermanentError(Reply.local(
-                550, "5.1.2", f"Host or domain name not found: {name} does not exist")) from exc
+            raise DnsPermanentError(
+                Reply.local(550, "5.1.2", f"Host or domain name not found: {name} does not exist")
+            ) from exc
         except dns.resolver.NoAnswer:
             return None
-        except (dns.resolver.NoNameservers, dns.exception.Timeout,
-                dns.resolver.LifetimeTimeout) as exc:
-            raise DnsTemporaryError(Reply.local(
-                451, "4.4.3", f"Name service error for {name} type={rdtype.name}: "
-                f"{type(exc).__name__}")) from exc
+        except (
+            dns.resolver.NoNameservers,
+            dns.exception.Timeout,
+            dns.resolver.LifetimeTimeout,
+        ) as exc:
+            raise DnsTemporaryError(
+                Reply.local(
+                    451,
+                    "4.4.3",
+                    f"Name service error for {name} type={rdtype.name}: {type(exc).__name__}",
+                )
+            ) from exc
         except dns.exception.DNSException as exc:
-            raise DnsTemporaryError(Reply.local(
-                451, "4.4.3", f"Name service error for {name}: {exc}")) from exc
+            raise DnsTemporaryError(
+                Reply.local(451, "4.4.3", f"Name service error for {name}: {exc}")
+            ) from exc
 
     async def mx_hosts(self, domain: str) -> list[MxHost]:
         """Hosts to try in order: by preference, equal preferences shuffled (RFC 5321 §5.1).
@@ -84,8 +95,11 @@ class Resolver:
             return [MxHost(domain, 0)]
         records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
         if any(name in ("", ".") for _, name in records):
-            raise DnsPermanentError(Reply.local(
-                556, "5.1.10", f"Recipient address rejected: {domain} accepts no mail (null MX)"))
+            raise DnsPermanentError(
+                Reply.local(
+                    556, "5.1.10", f"Recipient address rejected: {domain} accepts no mail (null MX)"
+                )
+            )
         random.shuffle(records)
         records.sort(key=lambda item: item[0])
         return [MxHost(name.lower(), pref) for pref, name in records]
@@ -123,8 +137,9 @@ class Resolver:
         if not found:
             if temporary is not None:
                 raise temporary
-            raise DnsPermanentError(Reply.local(
-                550, "5.4.4", f"Host or domain name not found: no address for {host}"))
+            raise DnsPermanentError(
+                Reply.local(550, "5.4.4", f"Host or domain name not found: no address for {host}")
+            )
         return found
 
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from relay.config.model import Account
 from relay.shaping.rate import Gcra
 
-AUTH_WINDOW = 900.0        # seconds over which failures count
-LOCKOUT_AFTER = 5          # failures in the window before AUTH is refused
+AUTH_WINDOW = 900.0  # seconds over which failures count
+LOCKOUT_AFTER = 5  # failures in the window before AUTH is refused
 MAX_DELAY = 4.0
 
 
@@ -34,8 +34,9 @@ class AccountRates:
             return True
         bucket = self._buckets.get(account.name)
         if bucket is None or bucket.interval != account.rate.period / account.rate.count:
-            bucket = self._buckets[account.name] = Gcra(account.rate,
-                                                        burst=max(1, int(account.rate.count)))
+            bucket = self._buckets[account.name] = Gcra(
+                account.rate, burst=max(1, int(account.rate.count))
+            )
         now = self._clock()
         if bucket.delay(now) > 0:
             return False
@@ -67,7 +68,7 @@ class AuthThrottle:
         failures = self._recent(ip)
         failures.append(self._clock())
         self._failures[ip] = failures
-        if len(self._failures) > 100_000:   # a botnet's worth of IPs: forget the oldest
+        if len(self._failures) > 100_000:  # a botnet's worth of IPs: forget the oldest
             for stale in list(self._failures)[:10_000]:
                 del self._failures[stale]
         count = len(failures)

@@ -40,7 +40,7 @@ def _valid_domain(domain: str, utf8: bool) -> bool:
 
 def valid_mailbox(address: str, utf8: bool = False) -> bool:
     try:
-        address.encode("utf-8")   # invalid UTF-8 arrives as lone surrogates: refuse it
+        address.encode("utf-8")  # invalid UTF-8 arrives as lone surrogates: refuse it
     except UnicodeEncodeError:
         return False
     local, at, domain = address.rpartition("@")
@@ -62,13 +62,13 @@ def split_path(argument: str, keyword: str) -> tuple[str, list[str]]:
     """'FROM:<a@b> SIZE=10' → ('a@b', ['SIZE=10']). Raises PathError."""
     if argument[: len(keyword)].upper() != keyword:
         raise PathError(f"expected {keyword}<address>")
-    rest = argument[len(keyword):].lstrip()
+    rest = argument[len(keyword) :].lstrip()
     if not rest.startswith("<"):
         raise PathError("the address must be in angle brackets")
     end = _closing_bracket(rest)
     if end < 0:
         raise PathError("unbalanced angle brackets")
-    path, params = rest[1:end], rest[end + 1:]
+    path, params = rest[1:end], rest[end + 1 :]
     if params and not params.startswith(" "):
         raise PathError("expected a space after the address")
     if path.startswith("@"):
@@ -110,7 +110,7 @@ def decode_xtext(value: str) -> str:
     while position < len(value):
         char = value[position]
         if char == "+":
-            code = value[position + 1:position + 3]
+            code = value[position + 1 : position + 3]
             if len(code) != 2 or not re.match(r"^[0-9A-F]{2}$", code):
                 raise PathError("bad xtext escape")
             out.append(chr(int(code, 16)))

@@ -22,9 +22,9 @@ CHUNK = 64 * 1024
 
 @dataclass(frozen=True, slots=True)
 class DataResult:
-    content: bytes      # un-dot-stuffed, CRLF line endings; empty when too large
+    content: bytes  # un-dot-stuffed, CRLF line endings; empty when too large
     too_large: bool
-    received: int       # bytes the client sent, for logs
+    received: int  # bytes the client sent, for logs
 
 
 def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
@@ -37,8 +37,9 @@ def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
         reader._buffer[0:0] = data  # type: ignore[attr-defined]
 
 
-async def read_data(reader: asyncio.StreamReader, limit: int,
-                    on_progress: Callable[[], None]) -> DataResult:
+async def read_data(
+    reader: asyncio.StreamReader, limit: int, on_progress: Callable[[], None]
+) -> DataResult:
     """Read up to the end-of-data marker. Raises ConnectionResetError on EOF.
 
     Past `limit` the bytes are counted and dropped, never buffered (RFC 5321 §4.5.3.1.7
@@ -47,8 +48,8 @@ async def read_data(reader: asyncio.StreamReader, limit: int,
     pieces: list[bytes] = []
     stored = received = 0
     too_large = False
-    tail = b"\r\n"   # the DATA command's own CRLF: lets ".\r\n" first end an empty message
-    virtual = 2      # leading bytes of `tail` that are not message content
+    tail = b"\r\n"  # the DATA command's own CRLF: lets ".\r\n" first end an empty message
+    virtual = 2  # leading bytes of `tail` that are not message content
     while True:
         chunk = await reader.read(CHUNK)
         if not chunk:
@@ -57,8 +58,8 @@ async def read_data(reader: asyncio.StreamReader, limit: int,
         window = tail + chunk
         end = window.find(_END)
         if end >= 0:
-            last = window[virtual:end + 2] if end + 2 > virtual else b""
-            _unread(reader, window[end + len(_END):])
+            last = window[virtual : end + 2] if end + 2 > virtual else b""
+            _unread(reader, window[end + len(_END) :])
             received += len(last)
             if not too_large and stored + len(last) <= limit:
                 pieces.append(last)

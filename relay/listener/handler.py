@@ -35,24 +35,31 @@ class ListenerEvents(Protocol):
 
 
 class SubmissionHandler:
-    def __init__(self, config: Config, listener: Listener, policy: Policy,
-                 gate: ConnectionGate, spool: Spool,
-                 events: ListenerEvents,
-                 resolver: Resolver) -> None:
-        self.config = config          # both replaced on reload
+    def __init__(
+        self,
+        config: Config,
+        listener: Listener,
+        policy: Policy,
+        gate: ConnectionGate,
+        spool: Spool,
+        events: ListenerEvents,
+        resolver: Resolver,
+    ) -> None:
+        self.config = config  # both replaced on reload
         self.listener = listener
         self.policy = policy
         self.gate = gate
         self.spool = spool
         self.events = events
-        self.resolver = resolver      # replaced on reload
+        self.resolver = resolver  # replaced on reload
         self.sessions: set[Submission] = set()
 
     def __dir__(self) -> list[str]:
         return dispatch_names(type(self))
 
-    async def handle_EHLO(self, server: Submission, session: Any, envelope: Any,
-                          hostname: str, responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self, server: Submission, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
         """Advertise what we implement; no AUTH where the listener offers none."""
         session.host_name = hostname
         last = responses.pop()  # "250 HELP"
@@ -86,16 +93,22 @@ class SubmissionHandler:
         account = self.account_of(server)
         if account is not None and not self.policy.sender_allowed(account, sender):
             self.note_rejected("sender")
-            log.warning("sender <%s> refused for account %s from %s", sender, account.name,
-                        server.peer_ip)
-            return (f"553 5.7.1 Sender address rejected: <{sender}> not owned by "
-                    f"user {account.name}")
+            log.warning(
+                "sender <%s> refused for account %s from %s", sender, account.name, server.peer_ip
+            )
+            return f"553 5.7.1 Sender address rejected: <{sender}> not owned by user {account.name}"
         if account is not None and not self.policy.rates.allow(account):
             self.note_rejected("rate")
-            log.warning("account %s over its rate %s: MAIL refused from %s", account.name,
-                        account.rate, server.peer_ip)
-            return (f"450 4.7.1 Error: account {account.name} is over its sending rate "
-                    f"({account.rate}); try again later")
+            log.warning(
+                "account %s over its rate %s: MAIL refused from %s",
+                account.name,
+                account.rate,
+                server.peer_ip,
+            )
+            return (
+                f"450 4.7.1 Error: account {account.name} is over its sending rate "
+                f"({account.rate}); try again later"
+            )
         return await self._sender_domain(sender)
 
     async def _sender_domain(self, sender: str) -> str | None:
@@ -115,8 +128,7 @@ class SubmissionHandler:
         self.events.rejected(reason)
 
     def _class_for(self, account: Account | None, headers: bytes, names: set[str]) -> str:
-        name = (account.class_name if account and account.class_name
-                else self.listener.class_name)
+        name = account.class_name if account and account.class_name else self.listener.class_name
         triggered = detect(headers, names)
         if triggered:
             for candidate in sorted(self.config.classes.values(), key=lambda c: c.priority):
@@ -131,19 +143,31 @@ class SubmissionHandler:
         headers = header_block(content)
         names = field_names(headers)
         now = time.time()
-        stamped = trace_headers(
-            message_id=message_id, hostname=self.config.hostname,
-            helo=server.session.host_name or "unknown", peer_ip=server.peer_ip,
-            tls=server.tls_active, authenticated=account is not None,
-            esmtp=bool(server.session.extended_smtp),
-            recipients=[r.address for r in server.recipients], names=names, now=now,
-        ) + content
+        stamped = (
+            trace_headers(
+                message_id=message_id,
+                hostname=self.config.hostname,
+                helo=server.session.host_name or "unknown",
+                peer_ip=server.peer_ip,
+                tls=server.tls_active,
+                authenticated=account is not None,
+                esmtp=bool(server.session.extended_smtp),
+                recipients=[r.address for r in server.recipients],
+                names=names,
+                now=now,
+            )
+            + content
+        )
         envelope = Envelope(
-            id=message_id, sender=server.envelope.mail_from or "",
-            recipients=tuple(server.recipients), received_at=now, size=len(stamped),
+            id=message_id,
+            sender=server.envelope.mail_from or "",
+            recipients=tuple(server.recipients),
+            received_at=now,
+            size=len(stamped),
             class_name=self._class_for(account, headers, names),
             account=account.name if account else "trusted",
-            envid=server.mail_params.get("ENVID"), ret=server.mail_params.get("RET"),
+            envid=server.mail_params.get("ENVID"),
+            ret=server.mail_params.get("RET"),
             smtputf8=bool(server.envelope.smtp_utf8),
         )
         try:
@@ -152,8 +176,15 @@ class SubmissionHandler:
             self.note_rejected("storage")
             log.error("id=%s not accepted: %s", message_id, exc)
             return "452 4.3.1 Insufficient system storage"
-        log.info("id=%s from=<%s> account=%s class=%s size=%d nrcpt=%d client=[%s]",
-                 message_id, envelope.sender, envelope.account, envelope.class_name,
-                 envelope.size, len(envelope.recipients), server.peer_ip)
+        log.info(
+            "id=%s from=<%s> account=%s class=%s size=%d nrcpt=%d client=[%s]",
+            message_id,
+            envelope.sender,
+            envelope.account,
+            envelope.class_name,
+            envelope.size,
+            len(envelope.recipients),
+            server.peer_ip,
+        )
         self.events.accepted(envelope, offset)
         return f"250 2.0.0 Ok: queued as {message_id}"

@@ -7,8 +7,9 @@ import time
 from email.utils import formatdate
 
 _FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
-_PRECEDENCE = re.compile(rb"^precedence[ \t]*:[ \t]*(bulk|list|junk)\b",
-                         re.IGNORECASE | re.MULTILINE)
+_PRECEDENCE = re.compile(
+    rb"^precedence[ \t]*:[ \t]*(bulk|list|junk)\b", re.IGNORECASE | re.MULTILINE
+)
 
 
 def header_block(message: bytes) -> bytes:
@@ -32,13 +33,24 @@ def detect(headers: bytes, names: set[str]) -> set[str]:
     return found
 
 
-def trace_headers(*, message_id: str, hostname: str, helo: str, peer_ip: str, tls: bool,
-                  authenticated: bool, esmtp: bool, recipients: list[str],
-                  names: set[str], now: float | None = None) -> bytes:
+def trace_headers(
+    *,
+    message_id: str,
+    hostname: str,
+    helo: str,
+    peer_ip: str,
+    tls: bool,
+    authenticated: bool,
+    esmtp: bool,
+    recipients: list[str],
+    names: set[str],
+    now: float | None = None,
+) -> bytes:
     """Received, plus Message-ID and Date when the client left them out."""
     now = time.time() if now is None else now
-    protocol = ("ESMTP" if esmtp else "SMTP") + ("S" if tls else "") + (
-        "A" if authenticated else "")
+    protocol = (
+        ("ESMTP" if esmtp else "SMTP") + ("S" if tls else "") + ("A" if authenticated else "")
+    )
     helo = re.sub(r"[^\x21-\x7e]", "?", helo)[:255] or "unknown"
     lines = [
         f"Received: from {helo} (unknown [{peer_ip}])\r\n"

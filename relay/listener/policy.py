@@ -28,10 +28,9 @@ class ConnectionGate:
         self.per_ip = per_ip
         self._open = 0
         self._by_ip: Counter[str] = Counter()
-        self.draining = False    # shutting down: new sessions get 421 4.3.2
+        self.draining = False  # shutting down: new sessions get 421 4.3.2
         self.idle = asyncio.Event()
         self.idle.set()
-
 
     def admit(self, ip: str) -> bool:
         if self._open >= self.total or self._by_ip[ip] >= self.per_ip:
@@ -97,4 +96,5 @@ class Policy:
 # Verifying against a throwaway hash when the account does not exist keeps timing
 # from telling which account names are real.
 _DUMMY_HASH = (
-    "scrypt:16384:8:1:AAAAAAAAAAAAAAAAAAAAAA==:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+    "scrypt:16384:8:1:AAAAAAAAAAAAAAAAAAAAAA==:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+)

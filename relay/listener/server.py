@@ -39,8 +39,12 @@ def bind_sockets(config: Config) -> dict[str, list[socket.socket]]:
     try:
         for listener in config.listeners:
             bound[listener.name] = []
-            infos = socket.getaddrinfo(listener.address or None, listener.port,
-                                       type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            infos = socket.getaddrinfo(
+                listener.address or None,
+                listener.port,
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )
             for family, kind, proto, _, address in dict.fromkeys(infos):
                 sock = socket.socket(family, kind, proto)
                 bound[listener.name].append(sock)
@@ -54,8 +58,10 @@ def bind_sockets(config: Config) -> dict[str, list[socket.socket]]:
         for sockets in bound.values():
             for sock in sockets:
                 sock.close()
-        raise RelayError(f"listener {listener.name}: cannot listen on "
-                         f"{listener.address}:{listener.port}: {exc.strerror or exc}") from exc
+        raise RelayError(
+            f"listener {listener.name}: cannot listen on "
+            f"{listener.address}:{listener.port}: {exc.strerror or exc}"
+        ) from exc
     return bound
 
 
@@ -78,14 +84,21 @@ def _socket_key(listener: Listener) -> tuple[str, int, str]:
 
 
 class Listeners:
-    def __init__(self, config: Config, spool: Spool, tls_context: ssl.SSLContext | None,
-                 events: ListenerEvents, resolver: Resolver) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        tls_context: ssl.SSLContext | None,
+        events: ListenerEvents,
+        resolver: Resolver,
+    ) -> None:
         self.resolver = resolver
         self.config = config
-        self.tls_context = tls_context       # read at each new connection: reload swaps it
+        self.tls_context = tls_context  # read at each new connection: reload swaps it
         self.policy = Policy(config)
-        self.gate = ConnectionGate(config.limits.max_connections,
-                                   config.limits.max_connections_per_ip)
+        self.gate = ConnectionGate(
+            config.limits.max_connections, config.limits.max_connections_per_ip
+        )
         self._spool = spool
         self._events = events
         self.handlers: list[SubmissionHandler] = []
@@ -95,16 +108,33 @@ class Listeners:
         """Serve the sockets `bind_sockets` made, by listener name."""
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
-            handler = SubmissionHandler(self.config, listener, self.policy, self.gate,
-                                        self._spool, self._events, self.resolver)
+            handler = SubmissionHandler(
+                self.config,
+                listener,
+                self.policy,
+                self.gate,
+                self._spool,
+                self._events,
+                self.resolver,
+            )
             self.handlers.append(handler)
             implicit = listener.tls == "implicit"
             for sock in sockets[listener.name]:
-                self.servers.append(await loop.create_server(
-                    lambda handler=handler: self._session(handler), sock=sock,
-                    ssl=self.tls_context if implicit else None))
-            log.info("listening on %s:%d (%s, tls=%s, auth=%s)", listener.address,
-                     listener.port, listener.name, listener.tls, listener.auth)
+                self.servers.append(
+                    await loop.create_server(
+                        lambda handler=handler: self._session(handler),
+                        sock=sock,
+                        ssl=self.tls_context if implicit else None,
+                    )
+                )
+            log.info(
+                "listening on %s:%d (%s, tls=%s, auth=%s)",
+                listener.address,
+                listener.port,
+                listener.name,
+                listener.tls,
+                listener.auth,
+            )
 
     def _session(self, handler: SubmissionHandler) -> Submission:
         config, listener = handler.config, handler.listener
@@ -120,14 +150,18 @@ class Listeners:
             timeout=config.limits.idle_timeout,
         )
 
-    def reconfigure(self, config: Config, tls_context: ssl.SSLContext | None,
-                    resolver: Resolver) -> None:
+    def reconfigure(
+        self, config: Config, tls_context: ssl.SSLContext | None, resolver: Resolver
+    ) -> None:
         """New limits, accounts, classes and certificate for new sessions. Sockets stay:
         a changed address, port or TLS mode takes effect at the next restart."""
-        if [_socket_key(x) for x in config.listeners] != \
-                [_socket_key(x) for x in self.config.listeners]:
-            log.warning("listener addresses, ports or TLS modes changed: "
-                        "they take effect at the next restart")
+        if [_socket_key(x) for x in config.listeners] != [
+            _socket_key(x) for x in self.config.listeners
+        ]:
+            log.warning(
+                "listener addresses, ports or TLS modes changed: "
+                "they take effect at the next restart"
+            )
         by_name = {listener.name: listener for listener in config.listeners}
         self.resolver = resolver
         for handler in self.handlers:

@@ -98,7 +98,8 @@ class Submission(SMTP):
     @property
     def tls_active(self) -> bool:
         return self._tls_protocol is not None or (
-            self.transport is not None and self.transport.get_extra_info("sslcontext") is not None)
+            self.transport is not None and self.transport.get_extra_info("sslcontext") is not None
+        )
 
     async def handle_exception(self, error: Exception) -> str:
         """Any error in a session ends it. aiosmtpd's default answers 500 and reads the
@@ -124,13 +125,16 @@ class Submission(SMTP):
         account = await self.handler.policy.authenticate(login, password)
         if account is None:
             delay = throttle.failed(self.peer_ip)
-            log.warning("AUTH failed from %s for %r (answer delayed %.1fs)", self.peer_ip,
-                        login.decode("utf-8", "replace")[:64], delay)
+            log.warning(
+                "AUTH failed from %s for %r (answer delayed %.1fs)",
+                self.peer_ip,
+                login.decode("utf-8", "replace")[:64],
+                delay,
+            )
             if delay:
-                await asyncio.sleep(delay)   # each failure costs the guesser more time
+                await asyncio.sleep(delay)  # each failure costs the guesser more time
             return AuthResult(success=False, handled=False)
-        return AuthResult(success=True, auth_data=LoginPassword(login, b""),
-                          message=None)
+        return AuthResult(success=True, auth_data=LoginPassword(login, b""), message=None)
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -204,9 +208,8 @@ class Submission(SMTP):
         self.mail_params = params
         await self.push("250 2.1.0 Ok")
 
-    async def _parse_path(self, arg: str | None,
-                          keyword: str) -> tuple[str, dict[str, str]] | None:
-        """"FROM:<a@b> K=V" → ("a@b", {"K": "V"}); a syntax error is answered here."""
+    async def _parse_path(self, arg: str | None, keyword: str) -> tuple[str, dict[str, str]] | None:
+        """ "FROM:<a@b> K=V" → ("a@b", {"K": "V"}); a syntax error is answered here."""
         try:
             path, items = split_path(arg or "", keyword)
             return path, parse_params(items)
@@ -284,8 +287,9 @@ class Submission(SMTP):
         if reply:
             await self.push(reply)
             return
-        self.recipients.append(EnvelopeRecipient(address, params.get("NOTIFY"),
-                                                 params.get("ORCPT")))
+        self.recipients.append(
+            EnvelopeRecipient(address, params.get("NOTIFY"), params.get("ORCPT"))
+        )
         self.envelope.rcpt_tos.append(address)
         await self.push("250 2.1.5 Ok")
 
@@ -303,8 +307,9 @@ class Submission(SMTP):
             await self.push("554 5.5.1 Error: no valid recipients")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        result = await read_data(self._reader, self.handler.config.limits.max_message_size,
-                                 self._reset_timeout)
+        result = await read_data(
+            self._reader, self.handler.config.limits.max_message_size, self._reset_timeout
+        )
         if result.too_large:
             self.handler.note_rejected("size")
             reply = "552 5.3.4 Message size exceeds fixed maximum message size"

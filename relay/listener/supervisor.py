@@ -32,8 +32,9 @@ START_TIMEOUT = 60.0
 
 
 class ListenerProcess:
-    def __init__(self, config: Config, events: ListenerEvents,
-                 on_lost: Callable[[float], None]) -> None:
+    def __init__(
+        self, config: Config, events: ListenerEvents, on_lost: Callable[[float], None]
+    ) -> None:
         """`on_lost(when)`: the process died; messages it stored may not have been reported."""
         self.config = config
         self._events = events
@@ -53,12 +54,13 @@ class ListenerProcess:
         """Until the first listener process serves; RelayError if it cannot."""
         self._task = asyncio.create_task(self._supervise(), name="listener-process")
         ready = asyncio.ensure_future(self._ready.wait())
-        await asyncio.wait([ready, self._task], timeout=START_TIMEOUT,
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [ready, self._task], timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
         ready.cancel()
         if not self._ready.is_set():
             if self._task.done():
-                self._task.result()   # raises its error
+                self._task.result()  # raises its error
             raise RelayError(f"the listener process did not start within {START_TIMEOUT:.0f}s")
 
     def reconfigure(self, config: Config) -> None:
@@ -99,14 +101,17 @@ class ListenerProcess:
             if self.draining:
                 return
             if first and not served:
-                raise RelayError(f"the listener process exited at start (status "
-                                 f"{process.returncode}); see the log above")
+                raise RelayError(
+                    f"the listener process exited at start (status "
+                    f"{process.returncode}); see the log above"
+                )
             first = False
-            log.error("the listener process exited (status %s); starting another",
-                      process.returncode)
+            log.error(
+                "the listener process exited (status %s); starting another", process.returncode
+            )
             self._on_lost(time.time())
             await asyncio.sleep(RESTART_DELAY)
-            if self.draining:   # told to stop while waiting: no new process
+            if self.draining:  # told to stop while waiting: no new process
                 return
 
     def _dispatch(self, message: tuple[object, ...]) -> None:
@@ -124,9 +129,16 @@ class ListenerProcess:
         fmt, level = logs.current()
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relay.listener.worker", str(theirs.fileno()),
-                str(os.getpid()), fmt, level, stdin=subprocess.DEVNULL,
-                pass_fds=[theirs.fileno(), *(fd for group in fds.values() for fd in group)])
+                sys.executable,
+                "-m",
+                "relay.listener.worker",
+                str(theirs.fileno()),
+                str(os.getpid()),
+                fmt,
+                level,
+                stdin=subprocess.DEVNULL,
+                pass_fds=[theirs.fileno(), *(fd for group in fds.values() for fd in group)],
+            )
         finally:
             theirs.close()
         self._process = process

@@ -65,12 +65,12 @@ async def _serve(channel: socket.socket) -> None:
         return
     _, config, fds = start
     assert isinstance(config, Config)
-    sockets = {name: [socket.socket(fileno=fd) for fd in numbers]
-               for name, numbers in fds.items()}
+    sockets = {name: [socket.socket(fileno=fd) for fd in numbers] for name, numbers in fds.items()}
     spool = Spool(config.spool_path, writer=1)
     spool.open()
-    listeners = Listeners(config, spool, listener_context(config), _Reporter(writer),
-                          Resolver(config.dns))
+    listeners = Listeners(
+        config, spool, listener_context(config), _Reporter(writer), Resolver(config.dns)
+    )
     await listeners.start(sockets)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -109,7 +109,7 @@ async def _command(listeners: Listeners, message: tuple[Any, ...]) -> None:
 def main() -> None:
     channel_fd, parent, fmt, level = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:5]
     _die_with_parent(parent)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # reload comes from the main process
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reload comes from the main process
     logs.setup(fmt, level)
     eventloop.run(_serve(socket.socket(fileno=channel_fd)))
 

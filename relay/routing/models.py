@@ -19,18 +19,27 @@ if TYPE_CHECKING:
 class Where(enum.IntEnum):
     """Where a recipient waits; QueueStats counts by it."""
 
-    NOWHERE = 0     # not queued: final, deleted, or being routed
-    SCHEDULED = 1   # in the scheduler, due later (deferred)
-    LANE = 2        # in its lane's queue (ready, or deferred while the lane is paused)
-    FLIGHT = 3      # taken by a worker: in a transaction
-    HELD = 4        # its message is on hold
+    NOWHERE = 0  # not queued: final, deleted, or being routed
+    SCHEDULED = 1  # in the scheduler, due later (deferred)
+    LANE = 2  # in its lane's queue (ready, or deferred while the lane is paused)
+    FLIGHT = 3  # taken by a worker: in a transaction
+    HELD = 4  # its message is on hold
 
 
 class Recipient:
     """Progress of one recipient of one message."""
 
-    __slots__ = ("attempts", "destination", "index", "last_reply", "next_attempt", "spec",
-                 "status", "warned", "where")
+    __slots__ = (
+        "attempts",
+        "destination",
+        "index",
+        "last_reply",
+        "next_attempt",
+        "spec",
+        "status",
+        "warned",
+        "where",
+    )
 
     def __init__(self, index: int, spec: EnvelopeRecipient) -> None:
         self.where = Where.NOWHERE
@@ -59,8 +68,8 @@ class QueuedMessage:
         self.envelope = envelope
         self.body_offset = body_offset
         self.recipients = [Recipient(i, spec) for i, spec in enumerate(envelope.recipients)]
-        self.held = False      # an admin put it on hold: nothing is attempted
-        self.deleted = False   # an admin deleted it: outcomes in flight are ignored
+        self.held = False  # an admin put it on hold: nothing is attempted
+        self.deleted = False  # an admin deleted it: outcomes in flight are ignored
 
     @property
     def id(self) -> str:

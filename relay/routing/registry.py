@@ -28,8 +28,11 @@ class Registry:
         self._order.append(message.id)
 
     def remove(self, message_id: str) -> None:
-        if self.messages.pop(message_id, None) is not None and \
-                len(self._order) > 1024 and len(self._order) > 2 * len(self.messages):
+        if (
+            self.messages.pop(message_id, None) is not None
+            and len(self._order) > 1024
+            and len(self._order) > 2 * len(self.messages)
+        ):
             self._order = [i for i in self._order if i in self.messages]
 
     def get(self, message_id: str) -> QueuedMessage | None:
@@ -38,8 +41,13 @@ class Registry:
     def __len__(self) -> int:
         return len(self.messages)
 
-    def page(self, after: str | None, limit: int, accept: Callable[[QueuedMessage], bool],
-             scan_limit: int = 50_000) -> tuple[list[QueuedMessage], str | None]:
+    def page(
+        self,
+        after: str | None,
+        limit: int,
+        accept: Callable[[QueuedMessage], bool],
+        scan_limit: int = 50_000,
+    ) -> tuple[list[QueuedMessage], str | None]:
         """Up to `limit` accepted messages after ID `after`; and the cursor to continue
         (None at the end). At most `scan_limit` entries are looked at per call."""
         if not self._sorted:
@@ -59,4 +67,3 @@ class Registry:
         last = position + 1 >= len(self._order)
         cursor = None if last else self._order[position]
         return found, cursor
-

@@ -23,8 +23,8 @@ DEFAULT_PROVIDER = "default"
 class Destination:
     """Where a domain's mail goes: the lane that delivers it, with that lane's shaping."""
 
-    lane_key: str       # provider name, or "default:<domain>"
-    provider: str       # provider name or "default": the bounded metrics label
+    lane_key: str  # provider name, or "default:<domain>"
+    provider: str  # provider name or "default": the bounded metrics label
     shaping: Shaping
 
 
@@ -86,5 +86,4 @@ class Router:
     def _destination(self, domain: str, provider: Provider | None) -> Destination:
         if provider is not None:
             return Destination(provider.name, provider.name, provider.shaping)
-        return Destination(f"{DEFAULT_PROVIDER}:{domain}", DEFAULT_PROVIDER,
-                           self._config.defaults)
+        return Destination(f"{DEFAULT_PROVIDER}:{domain}", DEFAULT_PROVIDER, self._config.defaults)

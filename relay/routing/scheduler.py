@@ -28,8 +28,9 @@ Enqueue = Callable[[Destination, QueuedMessage, list[Recipient]], None]
 
 
 class Scheduler:
-    def __init__(self, router: Router, enqueue: Enqueue, registry: Registry,
-                 stats: QueueStats) -> None:
+    def __init__(
+        self, router: Router, enqueue: Enqueue, registry: Registry, stats: QueueStats
+    ) -> None:
         self._router = router
         self._enqueue = enqueue
         self.registry = registry
@@ -62,8 +63,9 @@ class Scheduler:
     async def _route(self, domain: str, message: QueuedMessage, group: list[Recipient]) -> None:
         self._route_done(await self._router.route(domain), message, group)
 
-    def _route_done(self, destination: Destination, message: QueuedMessage,
-                    group: list[Recipient]) -> None:
+    def _route_done(
+        self, destination: Destination, message: QueuedMessage, group: list[Recipient]
+    ) -> None:
         for recipient in group:
             recipient.destination = destination
         self.defer(message, group)
@@ -83,8 +85,9 @@ class Scheduler:
                 continue
             if not self._heap or recipient.next_attempt < self._heap[0][0]:
                 self._changed.set()
-            heapq.heappush(self._heap, (recipient.next_attempt, next(self._seq),
-                                        message, recipient))
+            heapq.heappush(
+                self._heap, (recipient.next_attempt, next(self._seq), message, recipient)
+            )
             later.append(recipient)
         self.stats.move(message, later, Where.SCHEDULED)
         if due:
@@ -132,7 +135,7 @@ class Scheduler:
             while self._heap and self._heap[0][0] <= now:
                 when, _, message, recipient = heapq.heappop(self._heap)
                 if recipient.where is not Where.SCHEDULED or recipient.next_attempt != when:
-                    continue   # stale: flushed, held, deleted or rescheduled since
+                    continue  # stale: flushed, held, deleted or rescheduled since
                 due.setdefault(message.id, (message, []))[1].append(recipient)
             for message, recipients in due.values():
                 self._dispatch(message, recipients)

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 
 from relay.routing.models import QueuedMessage, Recipient, Where
 
-_WAITING = (Where.SCHEDULED, Where.LANE)   # held mail waits on purpose: not "aging"
+_WAITING = (Where.SCHEDULED, Where.LANE)  # held mail waits on purpose: not "aging"
 
-CountKey = tuple[str, str, str, Where]   # lane key, provider, class, place
+CountKey = tuple[str, str, str, Where]  # lane key, provider, class, place
 
 
 class QueueStats:
@@ -47,8 +47,9 @@ class QueueStats:
                     self._membership(message, provider, class_name, 1 if now else -1)
             recipient.where = to
 
-    def _membership(self, message: QueuedMessage, provider: str, class_name: str,
-                    delta: int) -> None:
+    def _membership(
+        self, message: QueuedMessage, provider: str, class_name: str, delta: int
+    ) -> None:
         queue = (provider, class_name)
         members = self._members[queue]
         count = members.get(message.id, 0) + delta

@@ -18,8 +18,12 @@ log = logging.getLogger("relay.shaping")
 
 
 class Shaper:
-    def __init__(self, shaping: Shaping, classes: dict[str, TrafficClass],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        shaping: Shaping,
+        classes: dict[str, TrafficClass],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.shaping = shaping
         self._clock = clock
         self._rate = Gcra(shaping.rate) if shaping.rate else None
@@ -29,7 +33,7 @@ class Shaper:
         self._throttle_until = 0.0
         self._throttle_rate: Gcra | None = None
         self._throttle_connections: int | None = None
-        self._ceiling: int | None = None   # slow start; None when not ramping
+        self._ceiling: int | None = None  # slow start; None when not ramping
 
     # connections
 

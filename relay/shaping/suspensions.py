@@ -19,7 +19,7 @@ log = logging.getLogger("relay.shaping")
 
 @dataclass(frozen=True, slots=True)
 class Suspension:
-    until: float        # wall-clock time
+    until: float  # wall-clock time
     reason: str
 
 
@@ -35,8 +35,11 @@ class Suspensions:
             with open(self._path, encoding="utf-8") as handle:
                 raw = json.load(handle)
             now = time.time()
-            self._entries = {key: Suspension(float(v["until"]), str(v["reason"]))
-                             for key, v in raw.items() if float(v["until"]) > now}
+            self._entries = {
+                key: Suspension(float(v["until"]), str(v["reason"]))
+                for key, v in raw.items()
+                if float(v["until"]) > now
+            }
         except FileNotFoundError:
             self._entries = {}
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -65,7 +68,7 @@ class Suspensions:
         task.add_done_callback(self._writes.discard)
 
     async def _write(self, snapshot: dict[str, dict[str, object]]) -> None:
-        async with self._lock:   # writes land in the order the changes were made
+        async with self._lock:  # writes land in the order the changes were made
             try:
                 await asyncio.to_thread(_write_atomically, self._path, snapshot)
             except OSError as exc:

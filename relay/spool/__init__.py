@@ -3,5 +3,4 @@
 from relay.spool.records import Envelope, EnvelopeRecipient, RecipientStatus, StateRecord
 from relay.spool.store import Recovered, Spool
 
-__all__ = ["Envelope", "EnvelopeRecipient", "RecipientStatus", "Recovered", "Spool",
-           "StateRecord"]
+__all__ = ["Envelope", "EnvelopeRecipient", "RecipientStatus", "Recovered", "Spool", "StateRecord"]

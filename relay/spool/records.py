@@ -34,38 +34,42 @@ class RecipientStatus(enum.IntEnum):
 
     @property
     def is_final(self) -> bool:
-        return self in (RecipientStatus.DELIVERED, RecipientStatus.BOUNCED,
-                        RecipientStatus.EXPIRED)
+        return self in (RecipientStatus.DELIVERED, RecipientStatus.BOUNCED, RecipientStatus.EXPIRED)
 
 
 @dataclass(frozen=True, slots=True)
 class EnvelopeRecipient:
     address: str
     notify: str | None = None  # RFC 3461 NOTIFY as given, e.g. "FAILURE,DELAY" or "NEVER"
-    orcpt: str | None = None   # RFC 3461 ORCPT as given, e.g. "rfc822;user@example.org"
+    orcpt: str | None = None  # RFC 3461 ORCPT as given, e.g. "rfc822;user@example.org"
 
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
     id: str
-    sender: str                 # "" for DSNs (null reverse path)
+    sender: str  # "" for DSNs (null reverse path)
     recipients: tuple[EnvelopeRecipient, ...]
     received_at: float
-    size: int                   # bytes of the stored message
+    size: int  # bytes of the stored message
     class_name: str
     account: str
     envid: str | None = None
-    ret: str | None = None      # "FULL" or "HDRS"
+    ret: str | None = None  # "FULL" or "HDRS"
     smtputf8: bool = False
 
     def encode(self) -> bytes:
         data = {
-            "id": self.id, "sender": self.sender,
+            "id": self.id,
+            "sender": self.sender,
             "recipients": [[r.address, r.notify, r.orcpt] for r in self.recipients],
-            "received_at": self.received_at, "size": self.size,
-            "class_name": self.class_name, "account": self.account, "envid": self.envid,
-            "ret": self.ret, "smtputf8": self.smtputf8,
-        }   # every field, by name: decode() passes them back to the constructor
+            "received_at": self.received_at,
+            "size": self.size,
+            "class_name": self.class_name,
+            "account": self.account,
+            "envid": self.envid,
+            "ret": self.ret,
+            "smtputf8": self.smtputf8,
+        }  # every field, by name: decode() passes them back to the constructor
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
@@ -87,11 +91,16 @@ class StateRecord:
     attempts: int
     next_attempt: float
     reply: str
-    warned: bool = False        # a delay DSN (retry.warn_after) was sent for these
+    warned: bool = False  # a delay DSN (retry.warn_after) was sent for these
 
     def encode(self) -> bytes:
-        fields: list[object] = [list(self.indices), int(self.status), self.attempts,
-                                round(self.next_attempt, 3), self.reply]
+        fields: list[object] = [
+            list(self.indices),
+            int(self.status),
+            self.attempts,
+            round(self.next_attempt, 3),
+            self.reply,
+        ]
         if self.warned:
             fields.append(1)
         return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
@@ -104,8 +113,16 @@ class StateRecord:
                 continue
             try:
                 indices, status, attempts, next_attempt, reply, *rest = json.loads(line)
-                records.append(cls(tuple(indices), RecipientStatus(status), attempts,
-                                   next_attempt, reply, bool(rest and rest[0])))
+                records.append(
+                    cls(
+                        tuple(indices),
+                        RecipientStatus(status),
+                        attempts,
+                        next_attempt,
+                        reply,
+                        bool(rest and rest[0]),
+                    )
+                )
             except (ValueError, TypeError):
                 continue  # torn write at a crash: that outcome is simply repeated
         return records
@@ -126,7 +143,7 @@ def decode_header(head: bytes) -> tuple[Envelope, int] | int:
         return len(head) + 4096
     if not first.startswith(MAGIC):
         raise SpoolCorrupt("not a relay spool file")
-    version = first[len(MAGIC):]
+    version = first[len(MAGIC) :]
     if not version.isdigit() or int(version) > VERSION:
         raise SpoolCorrupt(f"spool format version {version!r} is newer than this relay")
     length_line, sep, rest = rest.partition(b"\n")
@@ -138,7 +155,7 @@ def decode_header(head: bytes) -> tuple[Envelope, int] | int:
     offset = len(first) + 1 + len(length_line) + 1
     if len(head) < offset + length + 1:
         return offset + length + 1
-    envelope = Envelope.decode(head[offset:offset + length])
-    if head[offset + length:offset + length + 1] != b"\n":
+    envelope = Envelope.decode(head[offset : offset + length])
+    if head[offset + length : offset + length + 1] != b"\n":
         raise SpoolCorrupt("envelope not terminated")
     return envelope, offset + length + 1

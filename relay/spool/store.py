@@ -64,7 +64,7 @@ class _GroupSync:
             entry = self._dirs.get(directory)
             if entry is None:
                 entry = self._dirs[directory] = (threading.Lock(), [0, 0])
-            lock, counters = entry      # [renames asked for, renames covered by a sync]
+            lock, counters = entry  # [renames asked for, renames covered by a sync]
             counters[0] += 1
             mine = counters[0]
         with lock:
@@ -84,8 +84,9 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _write_durably(tmp_path: str, final_path: str, chunks: tuple[bytes, ...],
-                   dirsync: _GroupSync) -> None:
+def _write_durably(
+    tmp_path: str, final_path: str, chunks: tuple[bytes, ...], dirsync: _GroupSync
+) -> None:
     try:
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -146,7 +147,7 @@ class Spool:
         self._dirsync = _GroupSync()
         self._counter = 0
         self._buckets: set[str] = set()
-        self.messages = 0   # files in the spool, and their bytes: relay_spool_* gauges
+        self.messages = 0  # files in the spool, and their bytes: relay_spool_* gauges
         self.bytes = 0
         self.quarantined = 0
 
@@ -160,8 +161,9 @@ class Spool:
                 handle.write(b"ok")
             os.unlink(probe)
         except OSError as exc:
-            raise SpoolError(exc.errno, f"spool.path: {self.path} is not writable: "
-                             f"{exc.strerror}") from exc
+            raise SpoolError(
+                exc.errno, f"spool.path: {self.path} is not writable: {exc.strerror}"
+            ) from exc
 
     def new_id(self) -> str:
         """Sortable by arrival, unique across restarts: time, counter, randomness."""
@@ -171,7 +173,7 @@ class Spool:
         while stamp:
             stamp, digit = divmod(stamp, len(_ID_ALPHABET))
             text = _ID_ALPHABET[digit] + text
-        suffix = "".join(random.choices(_ID_ALPHABET, k=4))   # unique, not secret
+        suffix = "".join(random.choices(_ID_ALPHABET, k=4))  # unique, not secret
         return text + suffix
 
     def _dir(self, message_id: str) -> str:
@@ -190,8 +192,12 @@ class Spool:
                 await asyncio.to_thread(self._make_bucket, directory)
                 self._buckets.add(directory)
             await asyncio.to_thread(
-                _write_durably, os.path.join(directory, _TMP_PREFIX + envelope.id),
-                os.path.join(directory, envelope.id), (header, message), self._dirsync)
+                _write_durably,
+                os.path.join(directory, _TMP_PREFIX + envelope.id),
+                os.path.join(directory, envelope.id),
+                (header, message),
+                self._dirsync,
+            )
         except OSError as exc:
             if isinstance(exc, SpoolError):
                 raise
@@ -212,16 +218,17 @@ class Spool:
         try:
             await asyncio.to_thread(_append_durably, path, data)
         except OSError as exc:
-            raise SpoolError(exc.errno, f"cannot record state of {message_id}: "
-                             f"{exc.strerror}") from exc
+            raise SpoolError(
+                exc.errno, f"cannot record state of {message_id}: {exc.strerror}"
+            ) from exc
 
     async def remove(self, message_id: str) -> None:
         """Forget a message whose every recipient is final (message first, then its log)."""
         path = self.message_path(message_id)
         try:
             size = await asyncio.to_thread(
-                _unlink_synced, (path, path + _STATE_SUFFIX, path + _HOLD_SUFFIX),
-                self._dirsync)
+                _unlink_synced, (path, path + _STATE_SUFFIX, path + _HOLD_SUFFIX), self._dirsync
+            )
         except OSError as exc:
             raise SpoolError(exc.errno, f"cannot remove {message_id}: {exc.strerror}") from exc
         if size is not None:
@@ -234,8 +241,7 @@ class Spool:
         try:
             if held:
                 tmp = os.path.join(self._dir(message_id), _TMP_PREFIX + message_id + _HOLD_SUFFIX)
-                await asyncio.to_thread(_write_durably, tmp, marker, (b"held\n",),
-                                        self._dirsync)
+                await asyncio.to_thread(_write_durably, tmp, marker, (b"held\n",), self._dirsync)
             else:
                 await asyncio.to_thread(_unlink_synced, (marker,), self._dirsync)
         except OSError as exc:
