@@ -104,7 +104,8 @@ def build_dsn(
             f"Message-ID: {make_msgid(domain=hostname)}",
             "Auto-Submitted: auto-replied",
             "MIME-Version: 1.0",
-            f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+            "Content-Type: multipart/report; report-type=delivery-status;"
+            f'\r\n\tboundary="{boundary}"',
             "Content-Transfer-Encoding: 8bit",
             "",
             "This is a MIME-encapsulated message.",
@@ -122,7 +123,8 @@ def build_dsn(
             "\r\n\r\n".join(blocks),
             "",
             f"--{boundary}",
-            f"Content-Description: {'Undelivered Message' if full else 'Undelivered Message Headers'}",
+            "Content-Description: "
+            + ("Undelivered Message" if full else "Undelivered Message Headers"),
             f"Content-Type: {returned_type}",
             "",
             "",
