@@ -68,6 +68,7 @@ class Metrics:
         self.connections = Gauge(
             "relay_connections_open", "Open outbound connections", ["provider"], registry=r
         )
+        self.auth_failures = Counter("relay_auth_failures", "Failed AUTH attempts", registry=r)
         self.reload_success = Gauge(
             "relay_config_reload_success",
             "1 if the last configuration (re)load succeeded",

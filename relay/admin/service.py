@@ -25,6 +25,11 @@ class NotFound(LookupError):
     """No such message or provider; the message says which."""
 
 
+class BadRequest(ValueError):
+    """The request itself is wrong (HTTP 400); the message says how. Any other
+    ValueError is a bug, answered 500 and logged."""
+
+
 class QueueService:
     def __init__(self, relay: Relay) -> None:
         self._relay = relay
@@ -102,7 +107,7 @@ class QueueService:
         limit: int = 100,
     ) -> dict[str, Any]:
         if state is not None and state not in STATES:
-            raise ValueError(f"state must be one of {', '.join(STATES)}")
+            raise BadRequest(f"state must be one of {', '.join(STATES)}")
 
         def accept(message: QueuedMessage) -> bool:
             if class_name and message.envelope.class_name != class_name:
@@ -243,7 +248,7 @@ class QueueService:
 
     def suspend(self, name: str, seconds: float) -> None:
         if seconds <= 0:
-            raise ValueError("the suspension must last more than 0s")
+            raise BadRequest("the suspension must last more than 0s")
         self._lane_for(name).suspend(seconds, "suspended by the administrator")
 
     def resume(self, name: str) -> None:

@@ -290,7 +290,11 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         source_address=dlv.get("source_address", v.optional(v.ip_address), None),
         tls=dlv.get("tls", v.choice("opportunistic", "required", "disabled"), "opportunistic"),
         connect_timeout=dlv.get("connect_timeout", parse_duration, 30.0),
+        greeting_timeout=dlv.get("greeting_timeout", parse_duration, 300.0),
         command_timeout=dlv.get("command_timeout", parse_duration, 300.0),
+        data_init_timeout=dlv.get("data_init_timeout", parse_duration, 120.0),
+        data_xfer_timeout=dlv.get("data_xfer_timeout", parse_duration, 180.0),
+        data_done_timeout=dlv.get("data_done_timeout", parse_duration, 600.0),
         idle_connection_timeout=dlv.get("idle_connection_timeout", parse_duration, 30.0),
     )
     dlv.finish()

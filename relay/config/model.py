@@ -85,8 +85,12 @@ class Delivery:
     port: int
     source_address: str | None
     tls: DeliveryTls
-    connect_timeout: float
-    command_timeout: float
+    connect_timeout: float  # TCP connect only
+    greeting_timeout: float  # the initial 220 (RFC 5321 §4.5.3.2.1)
+    command_timeout: float  # EHLO, STARTTLS, MAIL, RCPT, RSET, QUIT
+    data_init_timeout: float  # DATA → 354 (§4.5.3.2.5)
+    data_xfer_timeout: float  # each block of the content (§4.5.3.2.6)
+    data_done_timeout: float  # <CRLF>.<CRLF> → final reply (§4.5.3.2.7)
     idle_connection_timeout: float
 
 
