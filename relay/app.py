@@ -1,6 +1,7 @@
 """Wires the parts together and owns their tasks: startup → serve → shutdown.
 
-listener → spool → scheduler/router → dispatcher/lanes → outcomes (→ DSNs → spool),
+listener → spool → queue manager (router, schedule, ready queues per queue and site,
+after-attempt step → DSNs → spool) ⇄ dispatcher/lanes (connections, transactions),
 with the admin listener (metrics, API) beside them. The listener runs in a process of
 its own (relay.listener.supervisor) and reports each message it has made durable; the
 rest runs here.
@@ -17,24 +18,24 @@ from typing import Any
 from aiohttp import web
 
 from relay.admin.http import start_admin
+from relay.admin.service import QueueService
+from relay.clock import SYSTEM_CLOCK, Clock
 from relay.config import load_config
 from relay.config.model import Config
 from relay.delivery.client import Connector
 from relay.delivery.context import LaneContext
 from relay.delivery.dispatcher import Dispatcher
-from relay.delivery.outcomes import Outcomes
 from relay.dns.resolver import Resolver
 from relay.errors import ConfigError, RelayError
 from relay.listener.supervisor import ListenerProcess
 from relay.metrics import Metrics, StateCollector
-from relay.routing.models import QueuedMessage, Recipient
-from relay.routing.registry import Registry
+from relay.queue.manager import QueueManager
+from relay.queue.models import QueuedMessage
 from relay.routing.router import Router
-from relay.routing.scheduler import Scheduler
-from relay.routing.stats import QueueStats
 from relay.shaping.suspensions import Suspensions
-from relay.spool.records import Envelope, RecipientStatus
-from relay.spool.store import Recovered, Spool
+from relay.spool.records import Envelope
+from relay.spool.store import Spool
+from relay.tasks import spawn
 from relay.tls import listener_context
 
 log = logging.getLogger("relay")
@@ -43,104 +44,65 @@ DEFAULT_GRACE = 30.0
 
 
 class Relay:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        self._clock = clock
         self.metrics = Metrics()
         self.spool = Spool(config.spool_path)
-        self.registry = Registry()
-        self.stats = QueueStats()
         self.resolver = Resolver(config.dns)
-        self.router = Router(config, self.resolver)
-        self.outcomes = Outcomes(
-            config, self.spool, self._requeue, self._inject, self.registry, self.stats, self.metrics
-        )
+        self.router = Router(config, self.resolver, clock)
+        self.queue = QueueManager(config, self.spool, self.router, self.metrics, clock)
         self.suspensions = Suspensions(config.spool_path)
         self.connector = Connector(config, self.resolver)
         self.dispatcher = Dispatcher(
             LaneContext(
                 config,
                 self.connector,
-                self.outcomes,
-                self.spool,
+                self.queue,
+                self._load,
                 self.suspensions,
-                self._requeue,
-                self.stats,
                 self.metrics,
+                clock,
             )
         )
-        self.scheduler = Scheduler(self.router, self.dispatcher.enqueue, self.registry, self.stats)
         self.listeners: ListenerProcess | None = None
-        self._recoveries: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.recovery_failure: str | None = None
         self.admin: web.AppRunner | None = None
         self.metrics.watch(
             StateCollector(
-                self.stats,
+                self.queue.stats,
                 lambda: list(self.dispatcher.lanes.values()),
                 lambda: [p.name for p in self.config.providers],
                 lambda: list(self.config.classes),
                 lambda: (self.spool.messages, self.spool.bytes, self.spool.quarantined),
+                lambda: len(self.router),
             )
         )
         for name in [p.name for p in config.providers] + ["default"]:
             self.metrics.connections.labels(name)  # a series from the start, at 0
 
-    def _requeue(self, message: QueuedMessage, recipients: list[Recipient]) -> None:
-        self.scheduler.defer(message, recipients)
-
-    async def _inject(self, envelope: Envelope, data: bytes) -> None:
-        """Queue mail relay writes itself (DSNs): durable first, like any other."""
-        offset = await self.spool.store(envelope, data)
-        self._queue_new(QueuedMessage(envelope, offset))
-
-    def _queue_new(self, message: QueuedMessage) -> None:
-        """A recovery scan may have found the file first: it is queued once."""
-        if self.registry.get(message.id) is None:
-            self.scheduler.submit(message)
+    async def _load(self, message: QueuedMessage) -> bytes:
+        return await self.spool.load_message(message.id, message.body_offset, message.envelope.size)
 
     # what the listener process reports (ListenerEvents)
 
     def accepted(self, envelope: Envelope, body_offset: int) -> None:
         self.metrics.received.labels(envelope.account, envelope.class_name).inc()
-        if self.registry.get(envelope.id) is None:
+        if self.queue.registry.get(envelope.id) is None:
             self.spool.note_stored(body_offset + envelope.size)
-            self.scheduler.submit(QueuedMessage(envelope, body_offset))
+            self.queue.submit(QueuedMessage(envelope, body_offset))
 
     def rejected(self, reason: str) -> None:
         self.metrics.rejected.labels(reason).inc()
 
     # startup
 
-    async def recover(self, stale_before: float) -> tuple[int, int]:
-        """Queue what the spool holds and nobody has queued yet.
-
-        Runs while the listener process takes new mail (reported ones are in the
-        registry already) and while due mail is delivered: it yields to the event loop
-        every few hundred messages.
-        """
-        messages = recipients = 0
-        for count, recovered in enumerate(self.spool.recover(stale_before), 1):
-            # Between reading the file and this check nothing else may run: a message
-            # delivered and removed meanwhile would be queued a second time.
-            if self.registry.get(recovered.envelope.id) is not None:
-                continue
-            message = _restore(recovered)
-            self.spool.note_stored(recovered.size)
-            if message.done:
-                await self.spool.remove(message.id)
-                continue
-            messages += 1
-            recipients += sum(1 for r in message.recipients if not r.status.is_final)
-            self.scheduler.submit(message)
-            if count % 256 == 0:
-                await asyncio.sleep(0)
-        return messages, recipients
-
     def _recover_in_background(self, stale_before: float, what: str) -> None:
         async def run() -> None:
             started = time.monotonic()
             try:
-                messages, recipients = await self.recover(stale_before)
+                messages, recipients = await self.queue.recover(self.spool.recover(stale_before))
             except (RelayError, OSError) as exc:
                 # Part of the spool is not queued: loud in the log and in /readyz.
                 self.recovery_failure = f"spool recovery failed: {exc}"
@@ -155,9 +117,7 @@ class Relay:
                 time.monotonic() - started,
             )
 
-        task = asyncio.create_task(run(), name="recovery")
-        self._recoveries.add(task)
-        task.add_done_callback(self._recoveries.discard)
+        spawn(run(), self._tasks, "recovery")
 
     def _listener_lost(self, when: float) -> None:
         """A listener process died: adopt what it stored but could not report."""
@@ -179,10 +139,19 @@ class Relay:
                 suspension.until - time.time(),
                 suspension.reason,
             )
-            destination = self.router.destination_for_key(key)
-            if destination is not None:  # created now: paused before any mail routes
-                self.dispatcher.lane(destination)
-        self.admin = await start_admin(self)  # up first: /readyz says what is missing
+            queue = self.router.queue(key)
+            if queue is not None:  # created now: paused before any mail routes
+                self.dispatcher.lane(self.queue.ready_queue(queue))
+        service = QueueService(self.queue, self.dispatcher, lambda: self.router, self.spool)
+        # up first: /readyz says what is missing
+        self.admin = await start_admin(
+            admin=lambda: self.config.admin,
+            service=service,
+            readiness=self.readiness_problems,
+            reload=self.reload,
+            registry=self.metrics.registry,
+            spool_path=self.config.spool_path,
+        )
         log.info(
             "admin API and metrics on http://%s:%d/",
             self.config.admin.address,
@@ -226,20 +195,19 @@ class Relay:
         self.config = config
         if config.dns != self.resolver.config:
             self.resolver = Resolver(config.dns)
-        self.router = Router(config, self.resolver)
-        self.scheduler.reroute(self.router)
+        self.router = Router(config, self.resolver, self._clock)
+        self.queue.reconfigure(config, self.router)
         self.connector.reconfigure(config, self.resolver)
-        self.outcomes.config = config
         self.dispatcher.context.config = config
         for lane in list(self.dispatcher.lanes.values()):
-            destination = self.router.destination_for_key(lane.key)
-            if destination is not None:
-                lane.reconfigure(destination)
+            queue = self.router.queue(lane.key)
+            if queue is not None:
+                lane.reconfigure(queue)
             else:
                 log.warning(
                     "provider %s is gone from the config; its queued mail drains "
                     "under its old limits",
-                    lane.destination.provider,
+                    lane.queue.provider,
                 )
         if self.listeners is not None:
             self.listeners.reconfigure(config)
@@ -278,9 +246,10 @@ class Relay:
         hurry.cancel()
         if self.listeners is not None:
             await self.listeners.close()
-        for task in self._recoveries:
+        for task in list(self._tasks):
             task.cancel()
         await self.dispatcher.stop()
+        await self.queue.stop()  # outcome writes still in flight finish
         if self.admin is not None:
             await self.admin.cleanup()
         log.info("stopped; %d messages remain in the spool", self.spool.messages)
@@ -288,29 +257,14 @@ class Relay:
     async def run(
         self, stop: asyncio.Event, urgent: asyncio.Event | None = None, grace: float = DEFAULT_GRACE
     ) -> None:
-        scheduler = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        background: set[asyncio.Task[Any]] = set()
+        spawn(self.queue.run(), background, "schedule")
+        spawn(self.dispatcher.run(self.queue.opened), background, "dispatcher")
         try:
             await self.start()
             await stop.wait()
             await self.stop(grace, urgent or asyncio.Event())
         finally:
-            scheduler.cancel()
-            await asyncio.gather(scheduler, return_exceptions=True)
-
-
-def _restore(recovered: Recovered) -> QueuedMessage:
-    message = QueuedMessage(recovered.envelope, recovered.body_offset)
-    message.held = recovered.held
-    for record in recovered.records:
-        for index in record.indices:
-            if 0 <= index < len(message.recipients):
-                recipient = message.recipients[index]
-                recipient.status = record.status
-                recipient.attempts = record.attempts
-                recipient.next_attempt = record.next_attempt
-                recipient.last_reply = record.reply
-                recipient.warned = recipient.warned or record.warned
-    for recipient in message.recipients:
-        if recipient.status is RecipientStatus.DEFERRED and recipient.next_attempt <= 0:
-            recipient.status = RecipientStatus.PENDING
-    return message
+            for task in list(background):
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)

@@ -17,16 +17,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from relay.routing.models import Where
-from relay.routing.router import Destination
-from relay.routing.stats import QueueStats
+from relay.queue.models import Where
+from relay.queue.stats import QueueStats
+from relay.routing.router import Queue
 
-STATES = ("ready", "deferred", "held")
+STATES = ("ready", "active", "deferred", "held")
+_STATE = {
+    Where.ROUTING: "ready",
+    Where.SCHEDULED: "deferred",
+    Where.READY: "ready",
+    Where.ACTIVE: "active",
+    Where.HELD: "held",
+}
 REJECT_REASONS = ("auth", "sender", "rate", "size", "recipients", "storage", "syntax")
 
 
 class LaneView(Protocol):
-    destination: Destination
+    queue: Queue
     suspended: str | None
 
     @property
@@ -92,19 +99,21 @@ class StateCollector(Collector):
         providers: Callable[[], list[str]],
         classes: Callable[[], list[str]],
         spool: Callable[[], tuple[int, int, int]],
+        routes: Callable[[], int],
     ) -> None:
         self._stats = stats
         self._lanes = lanes
         self._providers = providers
         self._classes = classes
         self._spool = spool
+        self._routes = routes
 
     def collect(self) -> Iterable[Metric]:
         paused = set()
         # `default` is 1 when any domain without a provider is suspended
         suspended: dict[str, int] = {name: 0 for name in [*self._providers(), "default"]}
         for lane in self._lanes():
-            key, provider = lane.destination.lane_key, lane.destination.provider
+            key, provider = lane.queue.key, lane.queue.provider
             if lane.paused:
                 paused.add(key)
             if lane.suspended is not None:
@@ -114,15 +123,11 @@ class StateCollector(Collector):
             for class_name in self._classes():
                 for state in STATES:
                     depth[(provider, class_name, state)] = 0
-        for (lane_key, provider, class_name, where), count in list(self._stats.counts.items()):
-            if where is Where.HELD:
-                state = "held"
-            elif where is Where.SCHEDULED or lane_key in paused:
+        # Every queued recipient is counted in exactly one place: the states add up.
+        for (queue, provider, class_name, where), count in list(self._stats.counts.items()):
+            state = _STATE[where]
+            if where is Where.READY and queue in paused:
                 state = "deferred"
-            elif where is Where.LANE:
-                state = "ready"
-            else:
-                continue
             depth[(provider, class_name, state)] += count
         family = GaugeMetricFamily(
             "relay_queue_depth", "Recipients waiting", labels=["provider", "class", "state"]
@@ -146,6 +151,9 @@ class StateCollector(Collector):
         for provider, value in sorted(suspended.items()):
             family.add_metric([provider], value)
         yield family
+        yield GaugeMetricFamily(
+            "relay_routing_cache_entries", "Domains whose route is cached", value=self._routes()
+        )
         messages, size, quarantined = self._spool()
         yield GaugeMetricFamily("relay_spool_messages", "Messages in the spool", value=messages)
         yield GaugeMetricFamily("relay_spool_bytes", "Bytes of messages in the spool", value=size)

@@ -5,16 +5,15 @@ suspend, resume. The HTTP API is a thin layer over this; so is the CLI, through 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from relay.delivery.outcomes import Attempt
-from relay.reply import Reply, Verdict
-from relay.routing.models import Batch, QueuedMessage, Recipient, Where
-
-if TYPE_CHECKING:
-    from relay.app import Relay
-    from relay.delivery.lane import Lane
+from relay.delivery.dispatcher import Dispatcher
+from relay.delivery.lane import Lane
+from relay.queue.manager import QueueManager
+from relay.queue.models import QueuedMessage, Recipient, Where
+from relay.routing.router import Router
+from relay.spool.store import Spool
 
 log = logging.getLogger("relay.admin")
 
@@ -31,28 +30,26 @@ class BadRequest(ValueError):
 
 
 class QueueService:
-    def __init__(self, relay: Relay) -> None:
-        self._relay = relay
+    def __init__(
+        self,
+        queue: QueueManager,
+        lanes: Dispatcher,
+        router: Callable[[], Router],
+        spool: Spool,
+    ) -> None:
+        self._queue = queue
+        self._lanes = lanes
+        self._router = router  # the current one: a reload replaces it
+        self._spool = spool
 
     # reading
 
-    def recipient_state(self, recipient: Recipient) -> str:
-        where = recipient.where
-        if where is Where.HELD:
-            return "held"
-        if where is Where.SCHEDULED:
-            return "deferred"
-        if where is Where.LANE:
-            lane = self._lane_of(recipient)
-            return "deferred" if lane is not None and lane.paused else "ready"
-        if where is Where.FLIGHT:
-            return "active"
-        return recipient.status.name.lower() if recipient.status.is_final else "routing"
+    def _paused(self, key: str) -> bool:
+        lane = self._lanes.lanes.get(key)
+        return lane is not None and lane.paused
 
-    def _lane_of(self, recipient: Recipient) -> Lane | None:
-        if recipient.destination is None:
-            return None
-        return self._relay.dispatcher.lanes.get(recipient.destination.lane_key)
+    def recipient_state(self, recipient: Recipient) -> str:
+        return self._queue.state(recipient, self._paused)
 
     def _summary(self, message: QueuedMessage, full: bool = False) -> dict[str, Any]:
         envelope = message.envelope
@@ -60,9 +57,10 @@ class QueueService:
         for r in message.recipients:
             if r.status.is_final and not full:
                 continue
+            destination = r.destination
             entry: dict[str, Any] = {
                 "address": r.address,
-                "provider": r.destination.provider if r.destination else None,
+                "provider": destination.queue.provider if destination else None,
                 "state": self.recipient_state(r),
                 "attempts": r.attempts,
                 "last_reply": r.last_reply or None,
@@ -70,7 +68,9 @@ class QueueService:
             if r.where is Where.SCHEDULED:
                 entry["next_attempt"] = r.next_attempt
             if full:
-                entry["queue"] = r.destination.lane_key if r.destination else None
+                entry["queue"] = destination.queue.key if destination else None
+                entry["site"] = destination.site.key if destination else None
+                entry["routed_by"] = destination.reason if destination else None
                 entry["notify"] = r.spec.notify
                 entry["orcpt"] = r.spec.orcpt
             recipients.append(entry)
@@ -92,7 +92,7 @@ class QueueService:
 
     def _headers(self, message: QueuedMessage) -> str:
         try:
-            data = self._relay.spool.read_message(message.id, message.body_offset, 16384)
+            data = self._spool.read_message(message.id, message.body_offset, 16384)
         except OSError:
             return ""
         end = data.find(b"\r\n\r\n")
@@ -115,14 +115,14 @@ class QueueService:
             for r in message.recipients:
                 if r.status.is_final:
                     continue
-                if provider and (r.destination is None or r.destination.provider != provider):
+                if provider and (r.destination is None or r.destination.queue.provider != provider):
                     continue
                 if state and self.recipient_state(r) != state:
                     continue
                 return True
             return False
 
-        registry = self._relay.registry
+        registry = self._queue.registry
         found, cursor = registry.page(after, max(1, min(limit, 1000)), accept)
         return {
             "messages": [self._summary(m) for m in found],
@@ -131,7 +131,7 @@ class QueueService:
         }
 
     def message(self, message_id: str) -> QueuedMessage:
-        message = self._relay.registry.get(message_id)
+        message = self._queue.registry.get(message_id)
         if message is None:
             raise NotFound(f"no message with ID {message_id} in the queue")
         return message
@@ -141,14 +141,16 @@ class QueueService:
 
     def providers(self) -> list[dict[str, Any]]:
         rows = []
-        for lane in sorted(self._relay.dispatcher.lanes.values(), key=lambda x: x.key):
+        for lane in sorted(self._lanes.lanes.values(), key=lambda x: x.key):
             rows.append(
                 {
                     "queue": lane.key,
-                    "provider": lane.destination.provider,
+                    "provider": lane.queue.provider,
                     "suspended": lane.suspended,
                     "paused": lane.paused,
-                    "pending_batches": lane.pending,
+                    "pending_batches": lane.ready.pending,
+                    "sites": len(lane.ready.sites()),
+                    "connections": lane.connections,
                     "max_connections": lane.shaper.max_connections(),
                 }
             )
@@ -157,27 +159,20 @@ class QueueService:
     # acting
 
     def flush(self, provider: str | None = None, message_id: str | None = None) -> int:
-        """Deferred mail due now; lanes backing off an unreachable destination retry too
-        (rule suspensions stay: lift them with resume)."""
+        """Deferred mail due now, and sites backing off are tried again (rule
+        suspensions stay: lift them with resume)."""
         if message_id is not None:
             self.message(message_id)
-        count = self._relay.scheduler.flush(
+        count = self._queue.flush(
             lambda m, r: (
                 (message_id is None or m.id == message_id)
                 and (
                     provider is None
-                    or (r.destination is not None and r.destination.provider == provider)
+                    or (r.destination is not None and r.destination.queue.provider == provider)
                 )
-            )
+            ),
+            sites=message_id is None,
         )
-        if message_id is None:
-            for lane in list(self._relay.dispatcher.lanes.values()):
-                if (
-                    (provider is None or lane.destination.provider == provider)
-                    and lane.paused
-                    and lane.suspended is None
-                ):
-                    lane.resume()
         log.info(
             "flush provider=%s id=%s: %d recipients due now",
             provider or "*",
@@ -187,64 +182,32 @@ class QueueService:
         return count
 
     async def hold(self, message_id: str) -> None:
-        message = self.message(message_id)
-        if message.held:
-            return
-        message.held = True
-        await self._relay.spool.set_held(message_id, True)
-        waiting = [r for r in message.recipients if r.where in (Where.SCHEDULED, Where.LANE)]
-        self._relay.stats.move(message, waiting, Where.HELD)
-        log.info("id=%s held by the administrator", message_id)
+        await self._queue.hold(self.message(message_id))
 
     async def release(self, message_id: str) -> None:
-        message = self.message(message_id)
-        if not message.held:
-            return
-        message.held = False
-        await self._relay.spool.set_held(message_id, False)
-        held = [r for r in message.recipients if r.where is Where.HELD]
-        for recipient in held:
-            recipient.next_attempt = 0.0
-        self._relay.scheduler.defer(message, held)
-        log.info("id=%s released by the administrator", message_id)
+        await self._queue.release(self.message(message_id))
 
     async def delete(self, message_id: str) -> None:
-        """Gone without a DSN (postsuper -d); an attempt in flight is not recorded."""
-        message = self.message(message_id)
-        message.deleted = True
-        self._relay.stats.move(
-            message, [r for r in message.recipients if r.where is not Where.FLIGHT], Where.NOWHERE
-        )
-        await self._relay.spool.remove(message_id)
-        self._relay.registry.remove(message_id)
-        log.info("id=%s deleted by the administrator", message_id)
+        await self._queue.delete(self.message(message_id))
 
     async def bounce(self, message_id: str) -> int:
         """Return every waiting recipient to the sender with a DSN."""
-        message = self.message(message_id)
-        reply = Reply.local(550, "5.0.0", "message returned to sender by the administrator")
-        waiting = [
-            r for r in message.recipients if not r.status.is_final and r.where is not Where.FLIGHT
-        ]
-        by_provider: dict[str, list[Recipient]] = defaultdict(list)
-        for r in waiting:
-            by_provider[r.destination.provider if r.destination else "default"].append(r)
-        for provider, recipients in by_provider.items():
-            self._relay.stats.move(message, recipients, Where.FLIGHT)
-            batch = Batch(message, recipients, recipients[0].domain, "admin")
-            await self._relay.outcomes.settle(
-                batch, [Attempt(r, reply, Verdict.BOUNCED) for r in recipients], None, provider
-            )
-        log.info("id=%s bounced by the administrator (%d recipients)", message_id, len(waiting))
-        return len(waiting)
+        return await self._queue.bounce(self.message(message_id))
 
     def _lane_for(self, name: str) -> Lane:
-        relay = self._relay
-        destination = relay.router.destination_for_key(name)
-        if destination is None:
-            known = ", ".join(p.name for p in relay.config.providers)
-            raise NotFound(f"no provider {name!r} (providers: {known}; or default:<domain>)")
-        return relay.dispatcher.lane(destination)
+        """A configured provider's lane, or a default site's that exists now: an admin
+        call never invents a queue the config does not name."""
+        lane = self._lanes.lanes.get(name)
+        if lane is not None:
+            return lane
+        queue = self._router().queue(name)
+        if queue is None or queue.provider != name:
+            providers = ", ".join(sorted(self._router().providers()))
+            raise NotFound(
+                f"no provider {name!r} (providers: {providers}; a default:<site> queue "
+                "exists only while it holds mail)"
+            )
+        return self._lanes.lane(self._queue.ready_queue(queue))
 
     def suspend(self, name: str, seconds: float) -> None:
         if seconds <= 0:

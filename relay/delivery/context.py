@@ -1,30 +1,51 @@
-"""What every lane shares: the collaborators the dispatcher hands to each lane it makes."""
+"""What every lane shares, and the narrow view of the queue manager that delivery uses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+from relay.clock import Clock
 from relay.config.model import Config
 from relay.delivery.client import Connector
-from relay.delivery.outcomes import Outcomes
 from relay.metrics import Metrics
-from relay.routing.models import QueuedMessage, Recipient
-from relay.routing.stats import QueueStats
+from relay.queue.models import Batch, QueuedMessage, Recipient
+from relay.queue.outcomes import Attempt
+from relay.queue.ready import ReadyQueue
+from relay.reply import Reply, Verdict
+from relay.routing.router import Site
 from relay.shaping.suspensions import Suspensions
-from relay.spool.store import Spool
 
-Requeue = Callable[[QueuedMessage, list[Recipient]], None]
+
+class QueueSide(Protocol):
+    """What a lane may ask of the queue manager: hand back attempts and their effects."""
+
+    def take(self, batch: Batch) -> None: ...
+
+    async def settle(self, batch: Batch, attempts: list[Attempt], relay: str | None) -> None: ...
+
+    async def settle_all(self, batches: list[Batch], reply: Reply, verdict: Verdict) -> None: ...
+
+    async def site_unreachable(self, ready: ReadyQueue, site: Site, reply: Reply) -> None: ...
+
+    def site_reached(self, site: Site) -> None: ...
+
+    def requeue(self, message: QueuedMessage, recipients: list[Recipient]) -> None: ...
+
+    def forget(self, ready: ReadyQueue) -> bool: ...
+
+
+LoadMessage = Callable[[QueuedMessage], Awaitable[bytes]]
 
 
 @dataclass
 class LaneContext:
     config: Config  # replaced on reload
     connector: Connector
-    outcomes: Outcomes
-    spool: Spool
+    queue: QueueSide
+    load: LoadMessage
     suspensions: Suspensions
-    requeue: Requeue
-    stats: QueueStats
     metrics: Metrics
+    clock: Clock
     stopping: bool = False  # shutting down: finish the transaction in hand, start no other

@@ -1,4 +1,5 @@
-"""Lanes by key: creates a lane on first use, forgets it once it is idle and empty."""
+"""Lanes by queue key: a lane for each ready queue the manager opens, forgotten once it is
+idle, empty and not suspended."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import asyncio
 
 from relay.delivery.context import LaneContext
 from relay.delivery.lane import Lane
-from relay.routing.models import Batch, QueuedMessage, Recipient
-from relay.routing.router import Destination
+from relay.queue.ready import ReadyQueue
 
 
 class Dispatcher:
@@ -15,34 +15,34 @@ class Dispatcher:
         self.context = context
         self.lanes: dict[str, Lane] = {}
 
-    def enqueue(
-        self, destination: Destination, message: QueuedMessage, recipients: list[Recipient]
-    ) -> None:
-        """Recipients of one domain → batches of at most max_recipients_per_message."""
-        lane = self.lane(destination)
-        size = destination.shaping.max_recipients_per_message
-        domain = recipients[0].domain
-        for start in range(0, len(recipients), size):
-            lane.push(Batch(message, recipients[start : start + size], domain, lane.key))
+    async def run(self, opened: asyncio.Queue[ReadyQueue]) -> None:
+        """Give every ready queue the manager opens a lane."""
+        while True:
+            ready = await opened.get()
+            self.lane(ready).wake()
 
-    def lane(self, destination: Destination) -> Lane:
-        lane = self.lanes.get(destination.lane_key)
-        if lane is None:
-            lane = Lane(destination, self.context, self._forget)
-            self.lanes[destination.lane_key] = lane
+    def lane(self, ready: ReadyQueue) -> Lane:
+        lane = self.lanes.get(ready.key)
+        if lane is None or lane.ready is not ready:
+            lane = Lane(ready, self.context, self._idle)
+            self.lanes[ready.key] = lane
         return lane
 
-    def _forget(self, lane: Lane) -> None:
-        if self.lanes.get(lane.key) is lane and not lane.busy:
+    def _idle(self, lane: Lane) -> None:
+        if (
+            self.lanes.get(lane.key) is lane
+            and not lane.busy
+            and self.context.queue.forget(lane.ready)
+        ):
             del self.lanes[lane.key]
 
     def drain(self) -> None:
         self.context.stopping = True
         for lane in self.lanes.values():
-            lane.wake()
+            lane.interrupt()
 
     async def wait_idle(self) -> None:
-        """Until every worker has finished its transaction in hand."""
+        """Until every worker has finished its transaction in hand and closed."""
         while True:
             workers = [w for lane in self.lanes.values() for w in lane.workers]
             if not workers:

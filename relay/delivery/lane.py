@@ -1,31 +1,32 @@
-"""A delivery lane: one provider (or one default-routed domain) and its connections.
+"""A delivery lane: the workers and connections of one queue (a provider, or a site).
 
-Each worker owns at most one connection, and a lane runs at most
-`shaper.max_connections()` workers, so the connection limit holds by construction. A
-worker carries up to `max_messages_per_connection` transactions on its connection,
-keeps it for `idle_connection_timeout` waiting for more work, then QUITs. Ready
-batches wait in one queue per class; the highest-priority class whose rate allows
-goes first, so transactional mail takes the next free slot before bulk.
+Each worker holds one connection slot from the moment it starts until its socket is
+closed (QUIT answered or timed out, the server's close seen), and a lane runs at most
+`shaper.max_connections()` workers, so the destination never sees more than
+`max_connections` of ours, even for a millisecond (SPEC §5).
 
-A lane pauses as a whole, with no connection attempt while paused, when a rule
-suspends the provider or when no MX host can be reached (then with exponential
-backoff). It reopens with one connection and widens on success (slow start). Waiting
-mail stays queued through a pause: that is not a failed attempt.
+A worker first connects to a site, then takes work for the host it reached: a
+connection still waiting for its greeting holds no mail that another open connection
+could carry now. It carries up to `max_messages_per_connection` transactions, for any
+domain that host serves, waits `idle_connection_timeout` for more, then QUITs.
+
+A lane pauses as a whole only when a rule or an admin suspends its provider; an
+unreachable site backs off alone (the queue manager keeps that). After a suspension the
+lane reopens with one connection and widens on success (slow start).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from relay.config.model import Config, Rule
 from relay.delivery.classify import classify
 from relay.delivery.client import Connection
 from relay.delivery.context import LaneContext
-from relay.delivery.outcomes import Attempt
+from relay.delivery.transaction import transact
 from relay.errors import (
     DestinationUnreachable,
     DnsPermanentError,
@@ -34,57 +35,57 @@ from relay.errors import (
     SpoolError,
     TransientDeliveryError,
 )
+from relay.queue.models import Batch
+from relay.queue.outcomes import Attempt
+from relay.queue.ready import ReadyQueue
 from relay.reply import Reply, Verdict
-from relay.routing.models import Batch, Where
-from relay.routing.retry import backoff, expired
-from relay.routing.router import Destination
+from relay.routing.router import Queue, Site
 from relay.shaping.shaper import Shaper
+from relay.tasks import spawn
 
 log = logging.getLogger("relay.delivery")
 
 
 class Lane:
     def __init__(
-        self, destination: Destination, context: LaneContext, on_idle: Callable[[Lane], None]
+        self, ready: ReadyQueue, context: LaneContext, on_idle: Callable[[Lane], None]
     ) -> None:
         self._ctx = context
         self._on_idle = on_idle
-        self.reconfigure(destination)
-        self._connections: set[int] = set()
-        self._ready: dict[str, deque[Batch]] = {}
-        self._order: list[str] = []
-        self.pending = 0
-        self._workers: set[asyncio.Task[None]] = set()
+        self.ready = ready
+        self.reconfigure(ready.queue)
+        self._workers: set[asyncio.Task[Any]] = set()
+        self._leaving: set[asyncio.Task[Any]] = set()  # surplus: closing, slot still held
         self._idle = 0
         self._wakeup = asyncio.Event()
         self._interrupt = asyncio.Event()  # set by pause and shutdown: rate waits end early
         self._paused_until = 0.0
         self.suspended: str | None = None  # the reason, while a rule or an admin suspends
-        self._failures = 0
         self._resume: asyncio.TimerHandle | None = None
-        self._sweeps: set[asyncio.Task[None]] = set()
+        ready.consumer = self
         restored = context.suspensions.get(self.key)
         if restored is not None:
-            self.suspend(restored.until - time.time(), restored.reason, persist=False)
+            self.suspend(restored.until - context.clock.time(), restored.reason, persist=False)
 
     @property
     def _config(self) -> Config:
         return self._ctx.config
 
-    def reconfigure(self, destination: Destination) -> None:
+    def reconfigure(self, queue: Queue) -> None:
         """Take new shaping and rules (config reload); rates and throttles start afresh."""
-        self.destination = destination
-        self.shaping = destination.shaping
-        self.shaper = Shaper(self.shaping, self._ctx.config.classes)
+        self.queue = queue
+        self.ready.queue = queue
+        self.shaping = queue.shaping
+        self.shaper = Shaper(self.shaping, self._ctx.config.classes, self._ctx.clock.monotonic)
         self._rules = self.shaping.rules + self._ctx.config.rules
 
     @property
     def key(self) -> str:
-        return self.destination.lane_key
+        return self.queue.key
 
     @property
     def paused(self) -> bool:
-        return self._paused_until > time.monotonic()
+        return self._paused_until > self._ctx.clock.monotonic()
 
     @property
     def _halted(self) -> bool:
@@ -93,89 +94,55 @@ class Lane:
 
     @property
     def busy(self) -> bool:
-        """A paused lane stays registered: forgetting it would forget its backoff."""
-        return bool(self.pending or self._workers or self._sweeps or self.paused)
-
-    # queueing
-
-    def push(self, batch: Batch) -> None:
-        queue = self._ready.get(batch.class_name)
-        if queue is None:
-            queue = self._ready[batch.class_name] = deque()
-            classes = self._config.classes
-            self._order = sorted(
-                self._ready, key=lambda name: -(classes[name].priority if name in classes else 0)
-            )
-        queue.append(batch)
-        self.pending += 1
-        self._ctx.stats.move(batch.message, batch.recipients, Where.LANE)
-        self._kick()
-
-    def _unshift(self, batch: Batch) -> None:
-        """Put a taken batch back at the head of its queue (it was not attempted)."""
-        self._ready[batch.class_name].appendleft(batch)
-        self.pending += 1
-        self.shaper.refund_message(batch.class_name)
-        self._ctx.stats.move(batch.message, batch.recipients, Where.LANE)
-
-    def _take(self) -> tuple[Batch | None, float | None]:
-        """The next batch its rates allow, or how long until one is allowed."""
-        if not self.pending:
-            return None, None
-        wait = self.shaper.provider_delay()
-        if wait > 0:
-            return None, wait
-        soonest: float | None = None
-        for name in self._order:
-            queue = self._ready[name]
-            if not queue:
-                continue
-            class_wait = self.shaper.class_delay(name)
-            if class_wait > 0:
-                soonest = class_wait if soonest is None else min(soonest, class_wait)
-                continue
-            while queue:
-                batch = queue.popleft()
-                self.pending -= 1
-                # an admin may have held, deleted or flushed some recipients meanwhile
-                batch.recipients = [r for r in batch.recipients if r.where is Where.LANE]
-                if batch.recipients:
-                    self.shaper.take_message(name)
-                    self._ctx.stats.move(batch.message, batch.recipients, Where.FLIGHT)
-                    return batch, None
-        return None, soonest
-
-    def _admit_recipients(self, batch: Batch) -> Batch | None:
-        """Hold back recipients whose mailbox rate is spent: they wait, never dropped."""
-        if self.shaping.recipient_rate is None:
-            return batch
-        allowed, held = [], []
-        for recipient in batch.recipients:
-            wait = self.shaper.mailbox_delay(recipient.address)
-            if wait > 0:
-                recipient.next_attempt = time.time() + wait
-                held.append(recipient)
-            else:
-                self.shaper.take_mailbox(recipient.address)
-                allowed.append(recipient)
-        if held:
-            self._ctx.requeue(batch.message, held)
-        if not allowed:
-            self.shaper.refund_message(batch.class_name)
-            return None
-        batch.recipients = allowed
-        return batch
-
-    # workers
+        """A paused lane stays registered: forgetting it would forget its suspension."""
+        return bool(self.ready.pending or self._workers or self.paused)
 
     @property
-    def workers(self) -> list[asyncio.Task[None]]:
+    def connections(self) -> int:
+        """Connection slots in use: open, opening, or closing."""
+        return len(self._workers)
+
+    @property
+    def workers(self) -> list[asyncio.Task[Any]]:
         return list(self._workers)
 
+    # work arrives (ReadyQueue's consumer)
+
     def wake(self) -> None:
+        if self._idle:
+            self._wakeup.set()
+        self._kick()
+
+    def interrupt(self) -> None:
         """Idle and rate-waiting workers re-check their conditions (shutdown, pause)."""
         self._wakeup.set()
         self._interrupt.set()
+
+    def _kick(self) -> None:
+        if self._halted or self.ready.pending <= self._idle:
+            return  # nothing to do, or the idle connections will take it
+        if len(self._workers) < self.shaper.max_connections():
+            spawn(self._worker(), self._workers, f"lane {self.key}").add_done_callback(
+                self._worker_done
+            )
+
+    def _worker_done(self, task: asyncio.Task[Any]) -> None:
+        self._leaving.discard(task)
+        if self.ready.pending:
+            self._kick()
+        elif not self.busy:
+            self._on_idle(self)
+
+    def _surplus(self) -> bool:
+        """Throttled, ramping or reloaded to fewer connections: this worker leaves. Only
+        as many leave as there are too many; their slots stay taken until closed."""
+        task = asyncio.current_task()
+        if task is None or len(self._workers) - len(self._leaving) <= self.shaper.max_connections():
+            return False
+        self._leaving.add(task)
+        return True
+
+    # workers
 
     async def _sleep(self, seconds: float) -> None:
         """Wait for a rate slot; a pause or shutdown cuts the wait short."""
@@ -184,181 +151,167 @@ class Lane:
         except TimeoutError:
             pass
 
-    def _kick(self) -> None:
-        if self.paused or not self.pending or self._ctx.stopping:
-            return
-        if self._idle:
-            self._wakeup.set()
-        elif len(self._workers) < self.shaper.max_connections():
-            task = asyncio.create_task(self._worker(), name=f"lane {self.key}")
-            self._workers.add(task)
-            task.add_done_callback(self._worker_done)
+    def _class_open(self, class_name: str) -> bool:
+        return self.shaper.class_delay(class_name) <= 0
 
-    def _worker_done(self, task: asyncio.Task[None]) -> None:
-        self._workers.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("lane %s: worker failed", self.key, exc_info=task.exception())
-        if self.pending:
-            self._kick()
-        elif not self.busy:
-            self._on_idle(self)
+    def _rate_wait(self) -> float | None:
+        """While only rates hold the waiting work back: how long until one allows."""
+        waits = [self.shaper.class_delay(name) for name in self.ready.waiting_classes()]
+        return min(waits) if waits else None
+
+    def _reusable(self, connection: Connection) -> bool:
+        return (
+            connection.usable and connection.transactions < self.shaping.max_messages_per_connection
+        )
 
     async def _worker(self) -> None:
         connection: Connection | None = None
         try:
-            while not self._halted:
-                if len(self._workers) > self.shaper.max_connections():
-                    # throttled or ramping: this worker is surplus; leave the set now so
-                    # that only as many workers leave as there are too many
-                    current = asyncio.current_task()
-                    if current is not None:
-                        self._workers.discard(current)
-                    break
-                batch, wait = self._take()
-                if batch is None:
-                    if wait is not None:
-                        await self._sleep(wait)  # a rate allows the next one then
+            while not self._halted and not self._surplus():
+                if connection is not None and not self._reusable(connection):
+                    await self._close(connection)
+                    connection = None
+                if connection is None:
+                    site = self.ready.next_site(self._class_open)
+                    if site is None:
+                        wait = self._rate_wait()
+                        if wait is None:
+                            break
+                        await self._sleep(wait)
                         continue
-                    if connection is None or not await self._wait_for_work():
-                        break
+                    connection = await self._connect(site)
                     continue
-                admitted = self._admit_recipients(batch)
-                if admitted is not None:
-                    connection = await self._deliver(admitted, connection)
+                wait = self.shaper.provider_delay()
+                if wait > 0:
+                    await self._sleep(wait)
+                    continue
+                batch = self.ready.take(connection.site, connection.host, self._class_open)
+                if batch is not None:
+                    await self._deliver(batch, connection)
+                    continue
+                if self.ready.waiting_elsewhere(connection.site, connection.host, self._class_open):
+                    await self._close(connection)  # free the slot for a site with work
+                    connection = None
+                    continue
+                wait = self._rate_wait()
+                if wait is not None and wait > 0:
+                    await self._sleep(wait)
+                    continue
+                if not await self._wait_for_work():
+                    break
         finally:
             if connection is not None:
                 await asyncio.shield(self._close(connection))
 
-    async def _close(self, connection: Connection) -> None:
-        if id(connection) in self._connections:
-            self._connections.discard(id(connection))
-            self._ctx.metrics.connections.labels(self.destination.provider).dec()
-        await connection.close()
-
     async def _wait_for_work(self) -> bool:
-        deadline = time.monotonic() + self._config.delivery.idle_connection_timeout
+        clock = self._ctx.clock
+        deadline = clock.monotonic() + self._config.delivery.idle_connection_timeout
         self._idle += 1
         try:
-            while not self.pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.paused or self._ctx.stopping:
+            while not self.ready.pending:
+                remaining = deadline - clock.monotonic()
+                if remaining <= 0 or self._halted:
                     return False
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     return False
-            return not self.paused and not self._ctx.stopping
+            return not self._halted
         finally:
             self._idle -= 1
 
-    def _destination_key(self, batch: Batch) -> str:
-        if self.shaping.route is not None:
-            host, port = self.shaping.route
-            return f"[{host}]:{port}"
-        return batch.domain
+    # connections
 
-    async def _open(self, batch: Batch) -> Connection | None:
-        """A new connection for `batch`, or None when the batch was settled or put back."""
+    async def _connect(self, site: Site) -> Connection | None:
+        """A connection to `site`, or None when it failed (and the mail waiting for that
+        site was dealt with) or the lane halted meanwhile."""
         # Sleep until the computed slot, then re-check: another worker may have taken it,
         # and check-then-take with no await in between is atomic on the event loop.
         while (wait := self.shaper.connection_delay()) > 0 and not self._halted:
             await self._sleep(wait)
         if self._halted:
-            self._unshift(batch)
             return None
         self.shaper.take_connection()
+        queue = self._ctx.queue
         try:
-            connection = await self._ctx.connector.open(batch.domain, self.shaping, self._rules)
+            connection = await self._ctx.connector.open(site, self.shaping, self._rules)
         except DnsPermanentError as exc:
-            await self._settle(batch, exc.reply, Verdict.BOUNCED, None)
+            await queue.settle_all(self.ready.take_site(site), exc.reply, Verdict.BOUNCED)
             return None
         except (DestinationUnreachable, DnsTemporaryError) as exc:
-            await self._settle(batch, exc.reply, Verdict.DEFERRED, None)
-            self._destination_failed(exc.reply)
+            await queue.site_unreachable(self.ready, site, exc.reply)
             return None
         except (TransientDeliveryError, PermanentDeliveryError) as exc:
             # The greeting or EHLO reply matched a rule: the provider spoke for itself.
             verdict = classify(exc.reply, self._rules)
             self._count_replies([exc.reply])
-            await self._settle(batch, exc.reply, verdict.verdict, None)
             self._apply(verdict.rule, exc.reply)
+            if verdict.verdict is Verdict.BOUNCED:
+                await queue.settle_all(self.ready.take_site(site), exc.reply, Verdict.BOUNCED)
+            elif not self.paused:
+                await queue.site_unreachable(self.ready, site, exc.reply)
             return None
-        self._failures = 0
-        self._connections.add(id(connection))
-        self._ctx.metrics.connections.labels(self.destination.provider).inc()
+        queue.site_reached(site)
+        self._ctx.metrics.connections.labels(self.queue.provider).inc()
         return connection
+
+    async def _close(self, connection: Connection) -> None:
+        await connection.close()
+        self._ctx.metrics.connections.labels(self.queue.provider).dec()
 
     def _count_replies(self, replies: list[Reply]) -> None:
         counter = self._ctx.metrics.replies
-        seen: set[int] = set()
         for reply in replies:
-            if reply.remote and id(reply) not in seen:
-                seen.add(id(reply))
-                counter.labels(self.destination.provider, str(reply.code)).inc()
+            if reply.remote:
+                counter.labels(self.queue.provider, str(reply.code)).inc()
 
-    async def _deliver(self, batch: Batch, connection: Connection | None) -> Connection | None:
-        if connection is not None and (
-            not connection.usable
-            or connection.destination != self._destination_key(batch)
-            or connection.transactions >= self.shaping.max_messages_per_connection
-        ):
-            await self._close(connection)
-            connection = None
-        if connection is None:
-            connection = await self._open(batch)
-            if connection is None:
-                return None
+    # transactions
+
+    async def _deliver(self, batch: Batch, connection: Connection) -> None:
+        queue = self._ctx.queue
+        queue.take(batch)
+        self.shaper.take_message(batch.class_name)
+        if not self._admit_recipients(batch):
+            self.shaper.refund_message(batch.class_name)
+            return
         try:
-            message = await self._ctx.spool.load_message(
-                batch.message.id, batch.message.body_offset, batch.message.envelope.size
-            )
+            message = await self._ctx.load(batch.message)
         except SpoolError as exc:
             log.error("id=%s cannot be read from the spool: %s", batch.message.id, exc)
-            await self._settle(
-                batch, Reply.local(451, "4.3.0", "spool read error"), Verdict.DEFERRED, None
-            )
-            return connection
-        fallback: Reply | None = None
-        try:
-            replies = await connection.send(batch.message.envelope, batch.recipients, message)
-        except TransientDeliveryError as exc:
-            replies, fallback = {}, exc.reply
-            connection.smtp.close()
-        attempts: list[Attempt] = []
-        fired: dict[int, tuple[Rule, Reply]] = {}
-        for recipient in batch.recipients:
-            reply = (
-                replies.get(recipient.index)
-                or fallback
-                or Reply.local(
-                    451, "4.4.2", f"{connection.description} closed the session before RCPT"
-                )
-            )
-            verdict = classify(reply, self._rules)
-            attempts.append(Attempt(recipient, reply, verdict.verdict))
-            if verdict.rule is not None:
-                fired.setdefault(id(verdict.rule), (verdict.rule, reply))
-        self._count_replies(list(replies.values()))
-        await self._ctx.outcomes.settle(
-            batch, attempts, connection.description, self.destination.provider
-        )
-        for rule, reply in fired.values():
+            reply = Reply.local(451, "4.3.0", "spool read error")
+            attempts = [Attempt(r, reply, Verdict.DEFERRED) for r in batch.recipients]
+            await queue.settle(batch, attempts, None)
+            return
+        result = await transact(connection, batch, message, self._rules)
+        self._count_replies(result.replies)
+        await queue.settle(batch, result.attempts, connection.description)
+        for rule, reply in result.fired:
             self._apply(rule, reply)
-        if any(a.verdict is Verdict.DELIVERED for a in attempts) and self.shaper.succeeded():
+        delivered = any(a.verdict is Verdict.DELIVERED for a in result.attempts)
+        if delivered and self.shaper.succeeded():
             self._kick()
-        if not connection.usable or self.paused:
-            await self._close(connection)
-            return None
-        return connection
 
-    async def _settle(
-        self, batch: Batch, reply: Reply, verdict: Verdict, relay: str | None
-    ) -> None:
-        attempts = [Attempt(r, reply, verdict) for r in batch.recipients]
-        await self._ctx.outcomes.settle(batch, attempts, relay, self.destination.provider)
+    def _admit_recipients(self, batch: Batch) -> bool:
+        """Hold back recipients whose mailbox rate is spent: they wait, never dropped."""
+        if self.shaping.recipient_rate is None:
+            return True
+        now = self._ctx.clock.time()
+        allowed, held = [], []
+        for recipient in batch.recipients:
+            wait = self.shaper.mailbox_delay(recipient.address)
+            if wait > 0:
+                recipient.next_attempt = now + wait
+                held.append(recipient)
+            else:
+                self.shaper.take_mailbox(recipient.address)
+                allowed.append(recipient)
+        if held:
+            self._ctx.queue.requeue(batch.message, held)
+        batch.recipients = allowed
+        return bool(allowed)
 
-    # pauses: suspensions, throttles, unreachable destinations
+    # suspensions and throttles (the provider as a whole)
 
     def _apply(self, rule: Rule | None, reply: Reply) -> None:
         if rule is None:
@@ -369,7 +322,7 @@ class Lane:
             self.shaper.throttle(rule)
             log.warning(
                 "provider=%s throttled for %.0fs (rate=%s max_connections=%s): %s",
-                self.destination.provider,
+                self.queue.provider,
                 rule.duration or 0,
                 rule.rate or "-",
                 rule.max_connections or "-",
@@ -380,21 +333,29 @@ class Lane:
         """No new transaction for `duration`; in-flight ones finish, waiting mail stays."""
         if duration <= 0:
             return
+        clock = self._ctx.clock
         if persist:
-            self._ctx.suspensions.set(self.key, time.time() + duration, reason)
+            self._ctx.suspensions.set(self.key, clock.time() + duration, reason)
         self.suspended = reason
         log.warning(
-            "provider=%s lane=%s suspended for %.0fs%s: %s",
-            self.destination.provider,
+            "provider=%s queue=%s suspended for %.0fs%s: %s",
+            self.queue.provider,
             self.key,
             duration,
             "" if persist else " (restored)",
             reason,
         )
-        self._pause(duration)
+        until = clock.monotonic() + duration
+        if until <= self._paused_until:
+            return
+        self._paused_until = until
+        if self._resume is not None:
+            self._resume.cancel()
+        self._resume = asyncio.get_running_loop().call_later(duration, self._resume_due)
+        self.interrupt()  # idle and waiting workers notice and close their connections
 
     def resume(self) -> None:
-        """End a pause now (its timer, or an admin); reopen slowly."""
+        """End a suspension now (its timer, or an admin); reopen slowly."""
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
@@ -403,83 +364,26 @@ class Lane:
         if self.suspended is not None:
             self.suspended = None
             self._ctx.suspensions.clear(self.key)
-            log.info("provider=%s lane=%s resumed", self.destination.provider, self.key)
+            log.info("provider=%s queue=%s resumed", self.queue.provider, self.key)
         self.shaper.restart_slowly()
-        self._sweep_expired(Reply.local(451, "4.4.1", "destination was unavailable"))
-        if self.pending:
+        if self.ready.pending:
             self._kick()
         elif not self.busy:
             self._on_idle(self)
 
-    def _pause(self, duration: float) -> None:
-        until = time.monotonic() + duration
-        if until <= self._paused_until:
-            return
-        self._paused_until = until
-        if self._resume is not None:
-            self._resume.cancel()
-        self._resume = asyncio.get_running_loop().call_later(duration, self._resume_due)
-        self.wake()  # idle and waiting workers notice and close their connections
-
     def _resume_due(self) -> None:
         self._resume = None
-        if self.paused:  # extended meanwhile
-            self._resume = asyncio.get_running_loop().call_later(
-                self._paused_until - time.monotonic(), self._resume_due
-            )
+        remaining = self._paused_until - self._ctx.clock.monotonic()
+        if remaining > 0:  # extended meanwhile
+            self._resume = asyncio.get_running_loop().call_later(remaining, self._resume_due)
             return
         self.resume()
 
-    def _destination_failed(self, reply: Reply) -> None:
-        """Back off the whole lane; expire what waited too long while it was down."""
-        self._failures += 1
-        delay = backoff(self._config.retry, self._failures)
-        log.warning(
-            "provider=%s destination=%s unreachable, queue deferred for %.0fs: %s",
-            self.destination.provider,
-            self.key,
-            delay,
-            reply,
-        )
-        self._pause(delay)
-        self._sweep_expired(reply)
-
-    def _sweep_expired(self, reply: Reply) -> None:
-        """Settle batches past retry.lifetime (at pause edges only: O(n) once per pause)."""
-        now = time.time()
-        stale = []
-        for queue in self._ready.values():
-            keep: deque[Batch] = deque()
-            for batch in queue:
-                if expired(self._config.retry, batch.message.envelope.received_at, now):
-                    batch.recipients = [r for r in batch.recipients if r.where is Where.LANE]
-                    self._ctx.stats.move(batch.message, batch.recipients, Where.FLIGHT)
-                    stale.append(batch)
-                else:
-                    keep.append(batch)
-            queue.clear()
-            queue.extend(keep)
-        self.pending -= len(stale)
-        if stale:
-            task = asyncio.create_task(self._expire(stale, reply))
-            self._sweeps.add(task)
-            task.add_done_callback(self._sweep_done)
-
-    def _sweep_done(self, task: asyncio.Task[None]) -> None:
-        self._sweeps.discard(task)
-        if not self.busy:
-            self._on_idle(self)
-
-    async def _expire(self, batches: list[Batch], reply: Reply) -> None:
-        for batch in batches:
-            if batch.recipients:
-                await self._settle(batch, reply, Verdict.DEFERRED, None)
-
     async def stop(self) -> None:
-        """Cancel workers; outcome writes are shielded and finish."""
+        """Cancel workers; outcome writes are shielded and finish, sockets are closed."""
         if self._resume is not None:
             self._resume.cancel()
-        tasks = list(self._workers | self._sweeps)
+        tasks = list(self._workers)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

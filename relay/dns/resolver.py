@@ -36,6 +36,11 @@ class MxHost:
 MAX_QUERIES = 64
 TRIES = 3
 
+# What one delivery attempt may try (SPEC §5): a domain publishing 200 MX records must
+# not turn one message into 400 lookups and 200 connection attempts.
+MAX_MX_HOSTS = 10
+MAX_ADDRESSES = 20
+
 
 class Resolver:
     def __init__(self, config: Dns) -> None:
@@ -102,7 +107,7 @@ class Resolver:
             )
         random.shuffle(records)
         records.sort(key=lambda item: item[0])
-        return [MxHost(name.lower(), pref) for pref, name in records]
+        return [MxHost(name.lower(), pref) for pref, name in records[:MAX_MX_HOSTS]]
 
     async def routable(self, domain: str) -> bool:
         """Can mail reach this domain: an MX that is not null, or an address?"""

@@ -1,89 +1,158 @@
-"""Recipient domain → provider: domain globs first, then MX host patterns, else default.
+"""Recipient domain → queue and site (SPEC §2, §5).
 
-A destination without a provider gets its own lane keyed by its domain, under the
-`defaults` shaping (SPEC §2).
+A *queue* is what a delivery lane serves: a configured provider, or, for domains without
+one, their *site*. A site is the set of MX host names a domain resolves to (KumoMTA's
+"MX rollup"): a thousand domains hosted on one MX host form one `defaults` queue, not a
+thousand, and connections belong to the host they reach (Postfix keys its connection
+cache by server too).
+
+Provider by domain glob first; else by `mx` pattern, matched against the first MX host
+that resolves: a name that merely looks like `*.orange.fr` but has no address must not
+put an outsider's domain into Orange's queue. Routes are cached with a bounded size and
+age, since the MX data behind them changes.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
+from relay.clock import SYSTEM_CLOCK, Clock
 from relay.config.model import Config, Provider, Shaping
-from relay.dns.resolver import Resolver
+from relay.dns.resolver import MAX_MX_HOSTS, Resolver
+from relay.domains import InvalidDomain, normalize_domain
 from relay.errors import DnsError
 
 log = logging.getLogger("relay.routing")
 
 DEFAULT_PROVIDER = "default"
+CACHE_ENTRIES = 100_000
+CACHE_SECONDS = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
-class Destination:
-    """Where a domain's mail goes: the lane that delivers it, with that lane's shaping."""
+class Site:
+    """The hosts a domain's mail goes to. `hosts` is in preference order; it is empty
+    while the MX lookup failed, and `key` is then the domain itself."""
 
-    lane_key: str  # provider name, or "default:<domain>"
+    key: str
+    hosts: tuple[str, ...]
+
+    def serves(self, host: str) -> bool:
+        return host in self.hosts
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """What one delivery lane serves, with that lane's shaping."""
+
+    key: str  # provider name, or "default:<site key>"
     provider: str  # provider name or "default": the bounded metrics label
     shaping: Shaping
 
 
+@dataclass(frozen=True, slots=True)
+class Destination:
+    queue: Queue
+    site: Site
+    reason: str  # why this queue: "domain orange.fr", "mx *.orange.fr", "default"
+
+
 class Router:
-    def __init__(self, config: Config, resolver: Resolver) -> None:
+    def __init__(self, config: Config, resolver: Resolver, clock: Clock = SYSTEM_CLOCK) -> None:
         self._config = config
         self._resolver = resolver
-        self._cache: dict[str, Destination] = {}
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[float, Destination]] = OrderedDict()
         self._by_mx = [p for p in config.providers if p.mx]
 
+    def __len__(self) -> int:
+        return len(self._cache)
+
     def cached(self, domain: str) -> Destination | None:
-        """The route without any I/O, when the domain needs no MX lookup or was seen."""
+        """The route without any I/O: seen recently, or a smarthost needs no lookup."""
         hit = self._cache.get(domain)
         if hit is not None:
-            return hit
-        provider = self._by_domain(domain)
-        if provider is not None or not self._by_mx:
-            return self._remember(domain, provider)
+            if hit[0] > self._clock.monotonic():
+                self._cache.move_to_end(domain)
+                return hit[1]
+            del self._cache[domain]
+        provider, why = self._by_domain(domain)
+        shaping = provider.shaping if provider is not None else self._config.defaults
+        if shaping.route is not None:
+            host, port = shaping.route
+            return self._remember(domain, provider, Site(f"[{host}]:{port}", (host,)), why)
         return None
 
     async def route(self, domain: str) -> Destination:
+        try:
+            domain = normalize_domain(domain)
+        except InvalidDomain:
+            pass  # the lookup below fails and delivery bounces or defers with its reply
         hit = self.cached(domain)
         if hit is not None:
             return hit
+        provider, why = self._by_domain(domain)
         try:
-            hosts = await self._resolver.mx_hosts(domain)
+            hosts = [mx.name for mx in await self._resolver.mx_hosts(domain)][:MAX_MX_HOSTS]
         except DnsError:
-            # Delivery will meet the same error and defer or bounce with it; routing must
-            # not decide that. Not cached, so the next message looks again.
-            return self._destination(domain, None)
-        first = hosts[0].name if hosts else ""
-        for provider in self._by_mx:
-            if any(fnmatch.fnmatchcase(first, pattern) for pattern in provider.mx):
-                return self._remember(domain, provider)
-        return self._remember(domain, None)
+            # Delivery meets the same error and defers or bounces with it; routing must
+            # not decide that. Not cached: the next message looks again.
+            return self._destination(provider, Site(domain, ()), why)
+        if provider is None and self._by_mx:
+            provider, why = await self._by_mx_host(hosts)
+        return self._remember(
+            domain, provider, Site(",".join(sorted(set(hosts))), tuple(hosts)), why
+        )
 
-    def _by_domain(self, domain: str) -> Provider | None:
+    def _by_domain(self, domain: str) -> tuple[Provider | None, str]:
         for provider in self._config.providers:
-            if any(fnmatch.fnmatchcase(domain, pattern) for pattern in provider.domains):
-                return provider
-        return None
+            for pattern in provider.domains:
+                if fnmatch.fnmatchcase(domain, pattern):
+                    return provider, f"domain {pattern}"
+        return None, DEFAULT_PROVIDER
 
-    def _remember(self, domain: str, provider: Provider | None) -> Destination:
-        destination = self._destination(domain, provider)
-        self._cache[domain] = destination
+    async def _by_mx_host(self, hosts: list[str]) -> tuple[Provider | None, str]:
+        for host in hosts:
+            try:
+                await self._resolver.addresses(host)
+            except DnsError:
+                continue  # a dead name decides nothing: the next host speaks for the domain
+            for provider in self._by_mx:
+                for pattern in provider.mx:
+                    if fnmatch.fnmatchcase(host, pattern):
+                        return provider, f"mx {pattern}"
+            break
+        return None, DEFAULT_PROVIDER
+
+    def _remember(
+        self, domain: str, provider: Provider | None, site: Site, why: str
+    ) -> Destination:
+        destination = self._destination(provider, site, why)
+        self._cache[domain] = (self._clock.monotonic() + CACHE_SECONDS, destination)
+        if len(self._cache) > CACHE_ENTRIES:
+            self._cache.popitem(last=False)
         return destination
 
-    def destination_for_key(self, key: str) -> Destination | None:
-        """The destination behind a lane key (a provider name or "default:<domain>") under
-        the current config; None when no such provider is configured."""
+    def _destination(self, provider: Provider | None, site: Site, why: str) -> Destination:
+        if provider is not None:
+            queue = Queue(provider.name, provider.name, provider.shaping)
+        else:
+            queue = Queue(f"{DEFAULT_PROVIDER}:{site.key}", DEFAULT_PROVIDER, self._config.defaults)
+        return Destination(queue, site, why)
+
+    def providers(self) -> list[str]:
+        return [p.name for p in self._config.providers]
+
+    def queue(self, key: str) -> Queue | None:
+        """The queue behind a key under the current config: a configured provider, or
+        `default:<site>`. None for anything else: an admin cannot conjure a provider."""
         for provider in self._config.providers:
             if provider.name == key:
-                return self._destination("", provider)
-        prefix, _, domain = key.partition(":")
-        if prefix == DEFAULT_PROVIDER and domain:
-            return self._destination(domain, None)
+                return Queue(provider.name, provider.name, provider.shaping)
+        prefix, _, site = key.partition(":")
+        if prefix == DEFAULT_PROVIDER and site:
+            return Queue(key, DEFAULT_PROVIDER, self._config.defaults)
         return None
-
-    def _destination(self, domain: str, provider: Provider | None) -> Destination:
-        if provider is not None:
-            return Destination(provider.name, provider.name, provider.shaping)
-        return Destination(f"{DEFAULT_PROVIDER}:{domain}", DEFAULT_PROVIDER, self._config.defaults)

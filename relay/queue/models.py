@@ -8,22 +8,21 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from relay.routing.router import Destination
 from relay.spool.records import Envelope, EnvelopeRecipient, RecipientStatus
-
-if TYPE_CHECKING:
-    from relay.routing.router import Destination
 
 
 class Where(enum.IntEnum):
-    """Where a recipient waits; QueueStats counts by it."""
+    """Where a recipient waits; QueueStats counts by it, and every queued recipient is in
+    exactly one place but NOWHERE (SPEC §8: the states add up)."""
 
-    NOWHERE = 0  # not queued: final, deleted, or being routed
-    SCHEDULED = 1  # in the scheduler, due later (deferred)
-    LANE = 2  # in its lane's queue (ready, or deferred while the lane is paused)
-    FLIGHT = 3  # taken by a worker: in a transaction
-    HELD = 4  # its message is on hold
+    NOWHERE = 0  # not queued: final or deleted
+    ROUTING = 1  # due now, its MX lookup in progress
+    SCHEDULED = 2  # due later (deferred), in the schedule
+    READY = 3  # in its queue's ready list
+    ACTIVE = 4  # in a delivery attempt now
+    HELD = 5  # its message is on hold
 
 
 class Recipient:
@@ -82,12 +81,12 @@ class QueuedMessage:
 
 @dataclass(slots=True)
 class Batch:
-    """Recipients of one message, one domain: what one SMTP transaction carries."""
+    """Recipients of one message and one domain: what one SMTP transaction carries."""
 
     message: QueuedMessage
     recipients: list[Recipient]
+    destination: Destination
     domain: str
-    lane_key: str
     class_name: str = field(default="")
 
     def __post_init__(self) -> None:

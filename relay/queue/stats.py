@@ -1,23 +1,27 @@
 """Exact queue figures, kept up to date at every move instead of counted at scrape time.
 
-Every change of a recipient's place (scheduled, lane, in flight, held, gone) goes through
-`move`, which keeps two things: recipient counts by (lane, provider, class, place), and,
-per (provider, class), which messages have recipients waiting, with a heap ordered by
-arrival to answer "how old is the oldest" in amortised O(log n).
+Every change of a recipient's place goes through `move`, which keeps two things:
+recipient counts by (queue, provider, class, place), and, per (provider, class), which
+messages have recipients waiting, with a heap ordered by arrival to answer "how old is
+the oldest" in amortised O(log n).
+
+A recipient's destination may change only while it is NOWHERE (the manager moves it
+there before re-routing), so its old count is always found under the key it was added
+with. A recipient still being routed has no queue yet: it is counted under `default`.
 """
 
 from __future__ import annotations
 
 import heapq
-import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
-from relay.routing.models import QueuedMessage, Recipient, Where
+from relay.queue.models import QueuedMessage, Recipient, Where
+from relay.routing.router import DEFAULT_PROVIDER
 
-_WAITING = (Where.SCHEDULED, Where.LANE)  # held mail waits on purpose: not "aging"
+_WAITING = (Where.ROUTING, Where.SCHEDULED, Where.READY)  # held mail waits on purpose
 
-CountKey = tuple[str, str, str, Where]  # lane key, provider, class, place
+CountKey = tuple[str, str, str, Where]  # queue key, provider, class, place
 
 
 class QueueStats:
@@ -34,17 +38,19 @@ class QueueStats:
                 continue
             destination = recipient.destination
             if destination is not None:
-                lane, provider = destination.lane_key, destination.provider
-                if old is not Where.NOWHERE:
-                    key = (lane, provider, class_name, old)
-                    self.counts[key] -= 1
-                    if self.counts[key] <= 0:
-                        del self.counts[key]
-                if to is not Where.NOWHERE:
-                    self.counts[(lane, provider, class_name, to)] += 1
-                was, now = old in _WAITING, to in _WAITING
-                if was != now:
-                    self._membership(message, provider, class_name, 1 if now else -1)
+                queue, provider = destination.queue.key, destination.queue.provider
+            else:
+                queue, provider = "", DEFAULT_PROVIDER
+            if old is not Where.NOWHERE:
+                key = (queue, provider, class_name, old)
+                self.counts[key] -= 1
+                if self.counts[key] <= 0:
+                    del self.counts[key]
+            if to is not Where.NOWHERE:
+                self.counts[(queue, provider, class_name, to)] += 1
+            was, now = old in _WAITING, to in _WAITING
+            if was != now:
+                self._membership(message, provider, class_name, 1 if now else -1)
             recipient.where = to
 
     def _membership(
@@ -60,9 +66,8 @@ class QueueStats:
         else:
             members.pop(message.id, None)
 
-    def oldest_ages(self, now: float | None = None) -> dict[tuple[str, str], float]:
+    def oldest_ages(self, now: float) -> dict[tuple[str, str], float]:
         """Age of the oldest waiting message per (provider, class)."""
-        now = time.time() if now is None else now
         ages = {}
         for queue, heap in list(self._oldest.items()):
             members = self._members[queue]
@@ -74,3 +79,6 @@ class QueueStats:
                 del self._oldest[queue]
                 self._members.pop(queue, None)
         return ages
+
+    def total(self) -> int:
+        return sum(self.counts.values())

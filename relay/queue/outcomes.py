@@ -7,29 +7,23 @@ crash between two steps repeats a step (a DSN, a delivery), never skips one.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from relay.bounces.dsn import Failure, build_dsn
+from relay.clock import Clock
 from relay.config.model import Config
 from relay.errors import SpoolError
 from relay.metrics import Metrics
+from relay.queue.models import QueuedMessage, Recipient, Where
+from relay.queue.stats import QueueStats
 from relay.reply import Reply, Verdict
-from relay.routing.models import Batch, QueuedMessage, Recipient, Where
-from relay.routing.registry import Registry
 from relay.routing.retry import backoff, expired
-from relay.routing.stats import QueueStats
 from relay.spool.records import Envelope, EnvelopeRecipient, RecipientStatus, StateRecord
 from relay.spool.store import Spool
 
 log = logging.getLogger("relay.delivery")
-
-Requeue = Callable[[QueuedMessage, list[Recipient]], None]
-Inject = Callable[[Envelope, bytes], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +31,22 @@ class Attempt:
     recipient: Recipient
     reply: Reply
     verdict: Verdict
+
+
+@dataclass(slots=True)
+class Settled:
+    """What the manager still has to do after an attempt was recorded."""
+
+    deferred: list[Recipient] = field(default_factory=list)  # to schedule again
+    notices: list[QueuedMessage] = field(default_factory=list)  # DSNs stored, to queue
+    removed: bool = False  # every recipient final: the message file is gone
+
+
+_STATUS = {
+    Verdict.DELIVERED: RecipientStatus.DELIVERED,
+    Verdict.BOUNCED: RecipientStatus.BOUNCED,
+    Verdict.DEFERRED: RecipientStatus.DEFERRED,
+}
 
 
 def _notify(spec: EnvelopeRecipient, event: str) -> bool:
@@ -47,52 +57,35 @@ def _notify(spec: EnvelopeRecipient, event: str) -> bool:
 
 class Outcomes:
     def __init__(
-        self,
-        config: Config,
-        spool: Spool,
-        requeue: Requeue,
-        inject: Inject,
-        registry: Registry,
-        stats: QueueStats,
-        metrics: Metrics,
+        self, config: Config, spool: Spool, stats: QueueStats, metrics: Metrics, clock: Clock
     ) -> None:
-        self.config = config
+        self.config = config  # replaced on reload
         self._spool = spool
-        self._requeue = requeue
-        self._inject = inject
-        self._registry = registry
         self._stats = stats
         self._metrics = metrics
+        self._clock = clock
 
     async def settle(
-        self, batch: Batch, attempts: list[Attempt], relay: str | None, provider: str
-    ) -> None:
-        """Apply one attempt's results; shielded so a cancelled worker cannot lose them."""
-        await asyncio.shield(self._settle(batch, attempts, relay, provider))
-
-    async def _settle(
-        self, batch: Batch, attempts: list[Attempt], relay: str | None, provider: str
-    ) -> None:
-        message = batch.message
+        self, message: QueuedMessage, attempts: list[Attempt], relay: str | None, provider: str
+    ) -> Settled:
+        """Record one attempt's results; the caller shields this from cancellation."""
         envelope = message.envelope
+        done = Settled()
         if message.deleted:  # an admin deleted it while this attempt was in flight
             self._stats.move(message, [a.recipient for a in attempts], Where.NOWHERE)
-            return
-        now = time.time()
+            return done
+        now = self._clock.time()
         retry = self.config.retry
         class_name = envelope.class_name
         failures: list[Failure] = []
         delays: list[Failure] = []
-        deferred: list[Recipient] = []
         for attempt in attempts:
             recipient, reply = attempt.recipient, attempt.reply
+            if recipient.status.is_final:
+                continue  # an admin bounced it meanwhile: that outcome stands
             recipient.attempts += 1
             verdict = attempt.verdict
-            status = {
-                Verdict.DELIVERED: RecipientStatus.DELIVERED,
-                Verdict.BOUNCED: RecipientStatus.BOUNCED,
-                Verdict.DEFERRED: RecipientStatus.DEFERRED,
-            }[verdict]
+            status = _STATUS[verdict]
             if verdict is Verdict.DEFERRED and expired(retry, envelope.received_at, now):
                 status = RecipientStatus.EXPIRED
                 reply = Reply.local(
@@ -108,7 +101,7 @@ class Outcomes:
                 remote = relay.partition("[")[0]
             if status is RecipientStatus.DEFERRED:
                 recipient.next_attempt = now + backoff(retry, recipient.attempts)
-                deferred.append(recipient)
+                done.deferred.append(recipient)
                 if (
                     retry.warn_after is not None
                     and not recipient.warned
@@ -143,7 +136,7 @@ class Outcomes:
             if not notices:
                 continue
             try:
-                await self._bounce(message, notices, now)
+                done.notices.append(await self._notice(message, notices, now))
             except SpoolError as exc:
                 # No DSN without a place to store it: keep those recipients and try again,
                 # rather than fail them silently.
@@ -151,19 +144,17 @@ class Outcomes:
                     "id=%s cannot store a DSN (%s): its recipients stay queued", envelope.id, exc
                 )
                 if notices is failures:
-                    deferred += self._keep(message, failures, now)
+                    done.deferred += self._keep(message, failures, now)
         if message.done:
-            # File first: a recovery scan running meanwhile skips what is registered.
             await self._spool.remove(envelope.id)
-            self._registry.remove(envelope.id)
+            done.removed = True
         else:
             try:
                 await self._spool.record(envelope.id, _records(attempts))
             except SpoolError as exc:
                 # Outcomes stay true in memory; after a crash they would be repeated.
                 log.error("id=%s progress not saved: %s", envelope.id, exc)
-        if deferred:
-            self._requeue(message, deferred)
+        return done
 
     def _keep(self, message: QueuedMessage, failures: list[Failure], now: float) -> list[Recipient]:
         """Undo the failure of recipients whose DSN could not be stored."""
@@ -177,7 +168,10 @@ class Outcomes:
                 kept.append(recipient)
         return kept
 
-    async def _bounce(self, message: QueuedMessage, failures: list[Failure], now: float) -> None:
+    async def _notice(
+        self, message: QueuedMessage, failures: list[Failure], now: float
+    ) -> QueuedMessage:
+        """Store a DSN durably, before the failure it reports is recorded."""
         envelope = message.envelope
         original = await self._spool.load_message(envelope.id, message.body_offset, envelope.size)
         dsn = build_dsn(self.config.hostname, envelope, failures, original, now)
@@ -191,9 +185,10 @@ class Outcomes:
             account="MAILER-DAEMON",
             smtputf8=envelope.smtputf8,
         )
-        await self._inject(dsn_envelope, dsn)
+        offset = await self._spool.store(dsn_envelope, dsn)
         kind = "delay" if failures[0].action == "delayed" else "non-delivery"
         log.info("id=%s sender %s notification: %s", envelope.id, kind, dsn_envelope.id)
+        return QueuedMessage(dsn_envelope, offset)
 
 
 def _records(attempts: list[Attempt]) -> list[StateRecord]:

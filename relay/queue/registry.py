@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable
 
-from relay.routing.models import QueuedMessage
+from relay.queue.models import QueuedMessage
 
 
 class Registry:

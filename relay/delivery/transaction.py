@@ -1,0 +1,55 @@
+"""One transaction on an open connection: the batch's message, sent, and each recipient's
+attempt classified. Nothing here touches the queue: the lane hands the attempts back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from relay.config.model import Rule
+from relay.delivery.classify import classify
+from relay.delivery.client import Connection
+from relay.errors import TransientDeliveryError
+from relay.queue.models import Batch
+from relay.queue.outcomes import Attempt
+from relay.reply import Reply
+
+
+@dataclass(slots=True)
+class Result:
+    attempts: list[Attempt]
+    replies: list[Reply]  # what the server said, once each (for the reply counter)
+    fired: list[tuple[Rule, Reply]] = field(default_factory=list)  # rules to act on, once each
+
+
+async def transact(
+    connection: Connection, batch: Batch, message: bytes, rules: tuple[Rule, ...]
+) -> Result:
+    fallback: Reply | None = None
+    try:
+        replies = await connection.send(batch.message.envelope, batch.recipients, message)
+    except TransientDeliveryError as exc:
+        replies, fallback = {}, exc.reply
+        connection.smtp.close()
+    result = Result([], _distinct(replies.values()))
+    fired: dict[int, tuple[Rule, Reply]] = {}
+    for recipient in batch.recipients:
+        reply = (
+            replies.get(recipient.index)
+            or fallback
+            or Reply.local(451, "4.4.2", f"{connection.description} closed the session before RCPT")
+        )
+        verdict = classify(reply, rules)
+        result.attempts.append(Attempt(recipient, reply, verdict.verdict))
+        if verdict.rule is not None:
+            fired.setdefault(id(verdict.rule), (verdict.rule, reply))
+    result.fired = list(fired.values())
+    return result
+
+
+def _distinct(replies: Iterable[Reply]) -> list[Reply]:
+    seen: dict[int, Reply] = {}
+    for reply in replies:
+        if reply.remote:
+            seen.setdefault(id(reply), reply)
+    return list(seen.values())

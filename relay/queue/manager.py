@@ -1,0 +1,380 @@
+"""The queue manager: every queued recipient, where it waits, and what happens after
+each attempt (Postfix's qmgr beside its `smtp` delivery agents).
+
+It owns the registry, the schedule of deferred recipients, the exact counts, the ready
+queues per queue (provider or site) and class, site backoff, the after-attempt step
+(record, backoff, expire, DSN, remove), recovery replay and the admin actions. Delivery
+only opens connections, runs transactions and hands attempts back through `settle`.
+
+A new ready queue is announced on `opened`; the delivery side reads it and gives the
+queue a lane, so neither side holds a callback into the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from relay.clock import SYSTEM_CLOCK, Clock
+from relay.config.model import Config
+from relay.metrics import Metrics
+from relay.queue.models import Batch, QueuedMessage, Recipient, Where
+from relay.queue.outcomes import Attempt, Outcomes, Settled
+from relay.queue.ready import ReadyQueue
+from relay.queue.registry import Registry
+from relay.queue.schedule import Schedule
+from relay.queue.sites import SiteBackoff
+from relay.queue.stats import QueueStats
+from relay.reply import Reply, Verdict
+from relay.routing.router import DEFAULT_PROVIDER, Destination, Queue, Router, Site
+from relay.spool.records import RecipientStatus
+from relay.spool.store import Recovered, Spool
+from relay.tasks import spawn, wait_all
+
+log = logging.getLogger("relay.queue")
+
+
+class QueueManager:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        router: Router,
+        metrics: Metrics,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.config = config
+        self._spool = spool
+        self._router = router
+        self._clock = clock
+        self.registry = Registry()
+        self.stats = QueueStats()
+        self.schedule = Schedule(clock)
+        self.sites = SiteBackoff(clock)
+        self._outcomes = Outcomes(config, spool, self.stats, metrics, clock)
+        self._ready: dict[str, ReadyQueue] = {}
+        self.opened: asyncio.Queue[ReadyQueue] = asyncio.Queue()
+        self._routing: set[asyncio.Task[Any]] = set()
+        self._settling: set[asyncio.Task[Any]] = set()
+
+    def reconfigure(self, config: Config, router: Router) -> None:
+        """A reload: new routes and retry settings from now on; queued mail keeps its
+        queue until its next attempt is routed again."""
+        self.config = config
+        self._router = router
+        self._outcomes.config = config
+
+    # intake
+
+    def submit(self, message: QueuedMessage) -> None:
+        """Queue every unfinished recipient of a new or recovered message, once."""
+        if self.registry.get(message.id) is not None:
+            return
+        self.registry.add(message)
+        self._route(message, [r for r in message.recipients if not r.status.is_final])
+
+    async def recover(self, recovered: Iterable[Recovered]) -> tuple[int, int]:
+        """Queue what the spool holds and nobody has queued yet; yields to the event loop
+        every few hundred messages, so live mail and due deliveries go on meanwhile."""
+        messages = recipients = 0
+        for count, entry in enumerate(recovered, 1):
+            # Between reading the file and this check nothing else may run: a message
+            # delivered and removed meanwhile would be queued a second time.
+            if self.registry.get(entry.envelope.id) is not None:
+                continue
+            message = restore(entry)
+            self._spool.note_stored(entry.size)
+            if message.done:
+                await self._spool.remove(message.id)
+                continue
+            messages += 1
+            recipients += sum(1 for r in message.recipients if not r.status.is_final)
+            self.submit(message)
+            if count % 256 == 0:
+                await asyncio.sleep(0)
+        return messages, recipients
+
+    # placing
+
+    def _route(self, message: QueuedMessage, recipients: list[Recipient]) -> None:
+        """Route due recipients again (MX data and the config may have changed since)."""
+        by_domain: dict[str, list[Recipient]] = defaultdict(list)
+        for recipient in recipients:
+            self.stats.move(message, [recipient], Where.NOWHERE)
+            by_domain[recipient.domain].append(recipient)
+        for domain, group in by_domain.items():
+            destination = self._router.cached(domain)
+            if destination is not None:
+                self._routed(message, group, destination)
+                continue
+            for recipient in group:
+                recipient.destination = None
+            self.stats.move(message, group, Where.ROUTING)
+            spawn(self._lookup(domain, message, group), self._routing, f"route {domain}")
+
+    async def _lookup(self, domain: str, message: QueuedMessage, group: list[Recipient]) -> None:
+        try:
+            destination = await self._router.route(domain)
+        except Exception:
+            # A bug, not a DNS answer (those become routes). The recipients must not be
+            # left nowhere: they are looked up again later, and the log says why.
+            log.exception("routing %s failed; its recipients are looked up again later", domain)
+            still = [r for r in group if r.where is Where.ROUTING]
+            for recipient in still:
+                recipient.next_attempt = self._clock.time() + self.config.retry.initial
+                self.stats.move(message, [recipient], Where.SCHEDULED)
+                self.schedule.add(message, recipient)
+            return
+        # An admin may have held, bounced or deleted some of them during the lookup.
+        still = [r for r in group if r.where is Where.ROUTING]
+        self.stats.move(message, still, Where.NOWHERE)
+        self._routed(message, still, destination)
+
+    def _routed(
+        self, message: QueuedMessage, recipients: list[Recipient], destination: Destination
+    ) -> None:
+        for recipient in recipients:
+            recipient.destination = destination
+        self.place(message, recipients)
+
+    def place(self, message: QueuedMessage, recipients: list[Recipient]) -> None:
+        """Put routed recipients where they wait: held, scheduled, or ready."""
+        if message.deleted:
+            return
+        if message.held:
+            self.stats.move(message, recipients, Where.HELD)
+            return
+        now = self._clock.time()
+        ready: dict[tuple[str, str], list[Recipient]] = defaultdict(list)
+        for recipient in recipients:
+            destination = recipient.destination
+            assert destination is not None, "placed before it was routed"
+            backing_off = self.sites.until(destination.site.key)
+            if backing_off is not None:
+                recipient.next_attempt = max(recipient.next_attempt, backing_off)
+            if recipient.next_attempt > now:
+                self.stats.move(message, [recipient], Where.SCHEDULED)
+                self.schedule.add(message, recipient)
+            else:
+                ready[(destination.queue.key, recipient.domain)].append(recipient)
+        for group in ready.values():
+            self._make_ready(message, group)
+
+    def _make_ready(self, message: QueuedMessage, recipients: list[Recipient]) -> None:
+        destination = recipients[0].destination
+        assert destination is not None
+        queue = self.ready_queue(destination.queue)
+        self.stats.move(message, recipients, Where.READY)
+        size = destination.queue.shaping.max_recipients_per_message
+        for start in range(0, len(recipients), size):
+            chunk = recipients[start : start + size]
+            queue.push(Batch(message, chunk, destination, chunk[0].domain))
+
+    def ready_queue(self, queue: Queue) -> ReadyQueue:
+        ready = self._ready.get(queue.key)
+        if ready is None:
+            ready = self._ready[queue.key] = ReadyQueue(queue, self._priority)
+            self.opened.put_nowait(ready)
+        return ready
+
+    def ready_queues(self) -> list[ReadyQueue]:
+        return list(self._ready.values())
+
+    def forget(self, ready: ReadyQueue) -> bool:
+        """Drop an empty ready queue whose lane goes idle; False if work came meanwhile."""
+        if ready.pending or self._ready.get(ready.key) is not ready:
+            return False
+        del self._ready[ready.key]
+        return True
+
+    def _priority(self, class_name: str) -> int:
+        traffic = self.config.classes.get(class_name)
+        return traffic.priority if traffic is not None else 0
+
+    def requeue(self, message: QueuedMessage, recipients: list[Recipient]) -> None:
+        """Recipients taken for an attempt that did not happen (a mailbox rate was spent):
+        they wait for their `next_attempt`, with no attempt counted."""
+        self.stats.move(message, recipients, Where.NOWHERE)
+        self.place(message, recipients)
+
+    # after attempts
+
+    def take(self, batch: Batch) -> None:
+        """A lane took this batch for a transaction: its recipients are active."""
+        self.stats.move(batch.message, batch.recipients, Where.ACTIVE)
+
+    async def settle(self, batch: Batch, attempts: list[Attempt], relay: str | None) -> None:
+        """Record an attempt and act on it; a cancelled worker cannot lose it, and `stop`
+        waits for it."""
+        task = spawn(
+            self._settle(batch.message, attempts, relay, batch.destination.queue.provider),
+            self._settling,
+            f"settle {batch.message.id}",
+        )
+        await asyncio.shield(task)
+
+    async def _settle(
+        self, message: QueuedMessage, attempts: list[Attempt], relay: str | None, provider: str
+    ) -> None:
+        settled = await self._outcomes.settle(message, attempts, relay, provider)
+        self._after(message, settled)
+
+    def _after(self, message: QueuedMessage, settled: Settled) -> None:
+        if settled.removed:
+            self.registry.remove(message.id)
+        for notice in settled.notices:
+            self.submit(notice)
+        if settled.deferred:
+            self.requeue(message, settled.deferred)
+
+    async def site_unreachable(self, ready: ReadyQueue, site: Site, reply: Reply) -> None:
+        """No host of `site` could be reached: it backs off alone, and the mail waiting
+        for it is deferred with that reply (each recipient's attempt is counted)."""
+        until = self.sites.failed(site.key, self.config.retry)
+        batches = ready.take_site(site)
+        log.warning(
+            "queue=%s site=%s unreachable, deferred for %.0fs (%d transactions waiting): %s",
+            ready.key,
+            site.key,
+            until - self._clock.time(),
+            len(batches),
+            reply,
+        )
+        await self.settle_all(batches, reply, Verdict.DEFERRED)
+
+    async def settle_all(self, batches: list[Batch], reply: Reply, verdict: Verdict) -> None:
+        """Every batch gets the same outcome (a dead site, a refusing greeting)."""
+        for batch in batches:
+            self.take(batch)
+            await self.settle(batch, [Attempt(r, reply, verdict) for r in batch.recipients], None)
+
+    def site_reached(self, site: Site) -> None:
+        self.sites.reached(site.key)
+
+    # the schedule
+
+    async def run(self) -> None:
+        """Due recipients leave the schedule for their queue (routed again first)."""
+        while True:
+            await self.schedule.wait()
+            for message, recipients in self.schedule.pop_due():
+                self._route(message, recipients)
+
+    # admin actions
+
+    def flush(self, accept: Callable[[QueuedMessage, Recipient], bool], sites: bool = False) -> int:
+        """Make scheduled recipients that `accept` picks due now; with `sites`, dead
+        sites are tried again too."""
+        if sites:
+            self.sites.clear()
+        count = 0
+        for message, recipients in self.schedule.select(accept):
+            for recipient in recipients:
+                recipient.next_attempt = 0.0
+            count += len(recipients)
+            self._route(message, recipients)
+        return count
+
+    async def hold(self, message: QueuedMessage) -> None:
+        if message.held:
+            return
+        message.held = True
+        await self._spool.set_held(message.id, True)
+        waiting = [r for r in message.recipients if r.where in _WAITING]
+        self.stats.move(message, waiting, Where.HELD)
+        log.info("id=%s held by the administrator", message.id)
+
+    async def release(self, message: QueuedMessage) -> None:
+        if not message.held:
+            return
+        message.held = False
+        await self._spool.set_held(message.id, False)
+        held = [r for r in message.recipients if r.where is Where.HELD]
+        for recipient in held:
+            recipient.next_attempt = 0.0
+        self._route(message, held)
+        log.info("id=%s released by the administrator", message.id)
+
+    async def delete(self, message: QueuedMessage) -> None:
+        """Gone without a DSN (postsuper -d); an attempt in flight is not recorded."""
+        message.deleted = True
+        self.stats.move(
+            message, [r for r in message.recipients if r.where is not Where.ACTIVE], Where.NOWHERE
+        )
+        await self._spool.remove(message.id)
+        self.registry.remove(message.id)
+        log.info("id=%s deleted by the administrator", message.id)
+
+    async def bounce(self, message: QueuedMessage) -> int:
+        """Return every waiting recipient to the sender with one DSN.
+
+        The recipients become ACTIVE before the first await: a routing lookup that ends
+        meanwhile, or a second bounce, leaves them alone, so nothing is queued again
+        against a removed file nor bounced twice.
+        """
+        waiting = [
+            r for r in message.recipients if not r.status.is_final and r.where is not Where.ACTIVE
+        ]
+        if not waiting:
+            return 0
+        self.stats.move(message, waiting, Where.ACTIVE)
+        reply = Reply.local(550, "5.0.0", "message returned to sender by the administrator")
+        attempts = [Attempt(r, reply, Verdict.BOUNCED) for r in waiting]
+        providers = {r.destination.queue.provider for r in waiting if r.destination}
+        provider = providers.pop() if len(providers) == 1 else DEFAULT_PROVIDER
+        task = spawn(self._settle(message, attempts, None, provider), self._settling, "bounce")
+        await asyncio.shield(task)
+        log.info("id=%s bounced by the administrator (%d recipients)", message.id, len(waiting))
+        return len(waiting)
+
+    # reading
+
+    def state(self, recipient: Recipient, paused: Callable[[str], bool]) -> str:
+        """The SPEC §8 state of a recipient; `paused` says whether a queue is suspended."""
+        where = recipient.where
+        if where is Where.HELD:
+            return "held"
+        if where is Where.SCHEDULED:
+            return "deferred"
+        if where is Where.READY:
+            destination = recipient.destination
+            return "deferred" if destination and paused(destination.queue.key) else "ready"
+        if where is Where.ROUTING:
+            return "ready"
+        if where is Where.ACTIVE:
+            return "active"
+        return recipient.status.name.lower()
+
+    # shutdown
+
+    async def stop(self) -> None:
+        """Lookups are abandoned (the spool has the mail); outcome writes finish."""
+        for task in list(self._routing):
+            task.cancel()
+        await asyncio.gather(*self._routing, return_exceptions=True)
+        await wait_all(self._settling)
+
+
+_WAITING = (Where.ROUTING, Where.SCHEDULED, Where.READY)
+
+
+def restore(recovered: Recovered) -> QueuedMessage:
+    """A spooled message as the queue knows it: recipients' progress from its log."""
+    message = QueuedMessage(recovered.envelope, recovered.body_offset)
+    message.held = recovered.held
+    for record in recovered.records:
+        for index in record.indices:
+            if 0 <= index < len(message.recipients):
+                recipient = message.recipients[index]
+                recipient.status = record.status
+                recipient.attempts = record.attempts
+                recipient.next_attempt = record.next_attempt
+                recipient.last_reply = record.reply
+                recipient.warned = recipient.warned or record.warned
+    for recipient in message.recipients:
+        if recipient.status is RecipientStatus.DEFERRED and recipient.next_attempt <= 0:
+            recipient.status = RecipientStatus.PENDING
+    return message
