@@ -22,7 +22,7 @@ from relay.admin.service import QueueService
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.config import load_config
 from relay.config.model import Config
-from relay.delivery.client import Connector
+from relay.delivery.connector import Connector
 from relay.delivery.context import LaneContext
 from relay.delivery.dispatcher import Dispatcher
 from relay.dns.resolver import Resolver
@@ -95,6 +95,9 @@ class Relay:
 
     def rejected(self, reason: str) -> None:
         self.metrics.rejected.labels(reason).inc()
+
+    def auth_failed(self) -> None:
+        self.metrics.auth_failures.inc()
 
     # startup
 

@@ -34,7 +34,9 @@ REJECT_REASONS = ("auth", "sender", "rate", "size", "recipients", "storage", "sy
 
 class LaneView(Protocol):
     queue: Queue
-    suspended: str | None
+
+    @property
+    def suspended(self) -> str | None: ...
 
     @property
     def paused(self) -> bool: ...

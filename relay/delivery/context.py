@@ -8,7 +8,7 @@ from typing import Protocol
 
 from relay.clock import Clock
 from relay.config.model import Config
-from relay.delivery.client import Connector
+from relay.delivery.connector import Connector
 from relay.metrics import Metrics
 from relay.queue.models import Batch, QueuedMessage, Recipient
 from relay.queue.outcomes import Attempt

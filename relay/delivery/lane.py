@@ -10,9 +10,9 @@ connection still waiting for its greeting holds no mail that another open connec
 could carry now. It carries up to `max_messages_per_connection` transactions, for any
 domain that host serves, waits `idle_connection_timeout` for more, then QUITs.
 
-A lane pauses as a whole only when a rule or an admin suspends its provider; an
-unreachable site backs off alone (the queue manager keeps that). After a suspension the
-lane reopens with one connection and widens on success (slow start).
+A lane pauses as a whole only when a rule or an admin suspends its provider (pause.py);
+an unreachable site backs off alone (the queue manager keeps that). After a suspension
+the lane reopens with one connection and widens on success (slow start).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from relay.config.model import Config, Rule
 from relay.delivery.classify import classify
 from relay.delivery.client import Connection
 from relay.delivery.context import LaneContext
+from relay.delivery.pause import Pause
 from relay.delivery.transaction import transact
 from relay.errors import (
     DestinationUnreachable,
@@ -59,9 +60,9 @@ class Lane:
         self._idle = 0
         self._wakeup = asyncio.Event()
         self._interrupt = asyncio.Event()  # set by pause and shutdown: rate waits end early
-        self._paused_until = 0.0
-        self.suspended: str | None = None  # the reason, while a rule or an admin suspends
-        self._resume: asyncio.TimerHandle | None = None
+        self._pause = Pause(
+            self.key, self.queue.provider, context.suspensions, context.clock, self.resume
+        )
         ready.consumer = self
         restored = context.suspensions.get(self.key)
         if restored is not None:
@@ -85,7 +86,12 @@ class Lane:
 
     @property
     def paused(self) -> bool:
-        return self._paused_until > self._ctx.clock.monotonic()
+        return self._pause.active
+
+    @property
+    def suspended(self) -> str | None:
+        """The reason, while a rule or an admin suspends the provider."""
+        return self._pause.reason
 
     @property
     def _halted(self) -> bool:
@@ -94,8 +100,9 @@ class Lane:
 
     @property
     def busy(self) -> bool:
-        """A paused lane stays registered: forgetting it would forget its suspension."""
-        return bool(self.ready.pending or self._workers or self.paused)
+        """A paused, throttled or rate-limited lane stays registered: forgetting it would
+        forget its suspension, throttle or rates."""
+        return bool(self.ready.pending or self._workers or self.paused or not self.shaper.at_rest())
 
     @property
     def connections(self) -> int:
@@ -331,58 +338,22 @@ class Lane:
 
     def suspend(self, duration: float, reason: str, persist: bool = True) -> None:
         """No new transaction for `duration`; in-flight ones finish, waiting mail stays."""
-        if duration <= 0:
-            return
-        clock = self._ctx.clock
-        if persist:
-            self._ctx.suspensions.set(self.key, clock.time() + duration, reason)
-        self.suspended = reason
-        log.warning(
-            "provider=%s queue=%s suspended for %.0fs%s: %s",
-            self.queue.provider,
-            self.key,
-            duration,
-            "" if persist else " (restored)",
-            reason,
-        )
-        until = clock.monotonic() + duration
-        if until <= self._paused_until:
-            return
-        self._paused_until = until
-        if self._resume is not None:
-            self._resume.cancel()
-        self._resume = asyncio.get_running_loop().call_later(duration, self._resume_due)
-        self.interrupt()  # idle and waiting workers notice and close their connections
+        if self._pause.start(duration, reason, persist):
+            self.interrupt()  # idle and waiting workers notice and close their connections
 
     def resume(self) -> None:
         """End a suspension now (its timer, or an admin); reopen slowly."""
-        if self._resume is not None:
-            self._resume.cancel()
-            self._resume = None
-        self._paused_until = 0.0
+        self._pause.end()
         self._interrupt.clear()
-        if self.suspended is not None:
-            self.suspended = None
-            self._ctx.suspensions.clear(self.key)
-            log.info("provider=%s queue=%s resumed", self.queue.provider, self.key)
         self.shaper.restart_slowly()
         if self.ready.pending:
             self._kick()
         elif not self.busy:
             self._on_idle(self)
 
-    def _resume_due(self) -> None:
-        self._resume = None
-        remaining = self._paused_until - self._ctx.clock.monotonic()
-        if remaining > 0:  # extended meanwhile
-            self._resume = asyncio.get_running_loop().call_later(remaining, self._resume_due)
-            return
-        self.resume()
-
     async def stop(self) -> None:
         """Cancel workers; outcome writes are shielded and finish, sockets are closed."""
-        if self._resume is not None:
-            self._resume.cancel()
+        self._pause.cancel()
         tasks = list(self._workers)
         for task in tasks:
             task.cancel()

@@ -61,10 +61,17 @@ class Destination:
 
 
 class Router:
-    def __init__(self, config: Config, resolver: Resolver, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        config: Config,
+        resolver: Resolver,
+        clock: Clock = SYSTEM_CLOCK,
+        cache_entries: int = CACHE_ENTRIES,
+    ) -> None:
         self._config = config
         self._resolver = resolver
         self._clock = clock
+        self._cache_entries = cache_entries
         self._cache: OrderedDict[str, tuple[float, Destination]] = OrderedDict()
         self._by_mx = [p for p in config.providers if p.mx]
 
@@ -132,7 +139,7 @@ class Router:
     ) -> Destination:
         destination = self._destination(provider, site, why)
         self._cache[domain] = (self._clock.monotonic() + CACHE_SECONDS, destination)
-        if len(self._cache) > CACHE_ENTRIES:
+        if len(self._cache) > self._cache_entries:
             self._cache.popitem(last=False)
         return destination
 

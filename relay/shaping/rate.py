@@ -58,3 +58,6 @@ class KeyedGcra:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+    def idle(self, now: float) -> bool:
+        return all(bucket.idle(now) for bucket in self._buckets.values())

@@ -109,6 +109,17 @@ class Shaper:
         if self.shaping.max_connections > 1:
             self._ceiling = 1
 
+    def at_rest(self) -> bool:
+        """Nothing to remember: no throttle or slow start in force, every rate back to its
+        resting state. Only then may a lane be forgotten without letting a burst through."""
+        if self._throttled() or self._ceiling is not None:
+            return False
+        now = self._clock()
+        buckets = [self._rate, self._connections, self._throttle_rate, *self._classes.values()]
+        if any(b is not None and not b.idle(now) for b in buckets):
+            return False
+        return self._mailboxes is None or self._mailboxes.idle(now)
+
     def succeeded(self) -> bool:
         """A transaction went through; True when slow start widened the lane."""
         if self._ceiling is None:
