@@ -13,6 +13,7 @@ import sys
 
 from relay import __version__, eventloop, logs
 from relay.config import load_config
+from relay.config.checks import example_password_exposed
 from relay.config.model import Config
 from relay.errors import ConfigError, RelayError
 
@@ -47,6 +48,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relay.app import Relay
 
     config = _load(_config_path(args))
+    exposed = example_password_exposed(config)
+    if exposed is not None:
+        print(f"relay: refusing to start: {exposed}", file=sys.stderr)
+        return 1
     logs.setup(args.log_format, args.log_level)
     _raise_file_limit()  # the listener process inherits it
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import http.client
+import json
 import os
 import signal
 import smtplib
@@ -99,6 +101,43 @@ class RelayProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def admin_token(self) -> str | None:
+        """The token the admin API wants: admin.token, or the one the daemon generated in
+        its spool at first start (SPEC §12)."""
+        configured = self.config.get("admin", {}).get("token")
+        if configured:
+            return str(configured)
+        path = Path(self.config["spool"]["path"]) / "admin.token"
+        return path.read_text().strip() if path.exists() else None
+
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = "auto",
+        headers: dict[str, str | bytes] | None = None,
+    ) -> tuple[int, Any]:
+        """One admin API call as the CLI makes it: the daemon's token ("auto"), JSON with
+        every POST and DELETE ({} when `body` is None, sent as is when bytes); `headers`
+        override any of it.
+        Returns the status and the decoded JSON (or text) answer."""
+        sent: dict[str, str | bytes] = {"Host": f"127.0.0.1:{self.admin_port}"}
+        token = self.admin_token() if token == "auto" else token
+        if token:
+            sent["Authorization"] = f"Bearer {token}"
+        data = None
+        if method not in ("GET", "HEAD"):
+            data = (
+                body
+                if isinstance(body, bytes)
+                else json.dumps({} if body is None else body).encode()
+            )
+            sent["Content-Type"] = "application/json"
+        sent.update(headers or {})
+        return http_call(self.admin_port, method, path, sent, data)
+
     def spool_files(self) -> list[str]:
         root = Path(self.workdir) / "spool" / "messages"
         return sorted(p.name for p in root.rglob("*") if p.is_file())
@@ -133,6 +172,33 @@ class RelayProcess:
             code, reply = smtp.data(body)
             assert code == 250, (code, reply)
             return reply.decode().rsplit(" ", 1)[-1]
+
+
+def http_call(
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str | bytes],
+    body: bytes | None = None,
+) -> tuple[int, Any]:
+    """A raw HTTP request to 127.0.0.1:port, headers exactly as given (Host included):
+    http.client passes bytes values through, so a test can send what no browser would."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.putrequest(method, path, skip_host="Host" in headers, skip_accept_encoding=True)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        if body is not None:
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        raw = response.read()
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(raw)
+    except ValueError:
+        return response.status, raw.decode("utf-8", "replace")
 
 
 def make_message(

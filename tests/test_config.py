@@ -158,3 +158,88 @@ def test_passwd_prints_a_hash_the_relay_accepts():
     assert verify_password(b"correct horse", encoded)
     assert not verify_password(b"wrong", encoded)
     parse_config({"accounts": [{"name": "a", "password": encoded, "senders": ["*@x.org"]}]})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), -float("inf"), 10**400, "1e400", "NaN", "inf", "9" * 400 + "s"],
+)
+def test_durations_must_be_finite(value):
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(value)
+
+
+def test_an_absurd_duration_or_rate_is_named_by_its_key_path():
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            {
+                "retry": {"initial": float("nan"), "lifetime": float("inf")},
+                "delivery": {"greeting_timeout": 10**400},
+                "limits": {"idle_timeout": "9" * 400 + "s"},
+                "defaults": {"rate": "9" * 400 + "/s"},
+                "providers": {
+                    "p": {
+                        "domains": ["p.test"],
+                        "rules": [{"match": "x", "action": "suspend", "for": "3651d"}],
+                    }
+                },
+            }
+        )
+    problems = err.value.problems
+    for path in (
+        "retry.initial",
+        "retry.lifetime",
+        "delivery.greeting_timeout",
+        "limits.idle_timeout",
+        "providers.p.rules[0].for",
+    ):
+        assert any(p.startswith(f"{path}: expected a finite duration") for p in problems), path
+    assert any(p.startswith("defaults.rate: expected a positive rate") for p in problems)
+    assert all(len(p) < 200 for p in problems)  # the 400 digits are not quoted back
+
+
+def test_check_config_names_nan_and_infinity_in_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("retry: {initial: .nan, max: 1.0e+400}\ndns: {timeout: .inf}\n")
+    result = run_relay("check-config", str(bad))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    for path in ("retry.initial", "retry.max", "dns.timeout"):
+        assert f"{path}: expected a finite duration" in result.stderr, result.stderr
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("retry: {initial: " + "9" * 5000 + "}\n")
+    result = run_relay("check-config", str(huge))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "invalid YAML" in result.stderr
+
+
+def test_admin_section():
+    config = parse_config({})
+    assert (config.admin.token, config.admin.metrics_public) == (None, False)
+    config = parse_config({"admin": {"address": "0.0.0.0", "metrics_public": True}})
+    assert config.admin.metrics_public is True
+    with pytest.raises(ConfigError) as err:
+        parse_config({"admin": {"metrics_public": "yes", "token": "abc\r\nX-Evil: 1"}})
+    assert any(
+        p.startswith("admin.metrics_public: expected true or false") for p in err.value.problems
+    )
+    assert "admin.token: must not contain CR or LF" in err.value.problems
+
+
+def test_the_example_password_is_the_one_relay_serve_refuses():
+    from relay.config.checks import EXAMPLE_PASSWORD_HASH, example_password_exposed
+    from relay.passwords import verify_password
+
+    shipped = load_config(str(ROOT / "config" / "relay.yaml"))
+    [webapp] = [a for a in shipped.accounts if a.name == "webapp"]
+    assert webapp.password == EXAMPLE_PASSWORD_HASH
+    assert verify_password(b"change-me", EXAMPLE_PASSWORD_HASH)
+    assert example_password_exposed(shipped) is None  # the trial listens on loopback
+    for address, exposed in (("0.0.0.0", True), ("192.0.2.1", True), ("::ffff:127.0.0.1", False)):
+        listener = {"name": "s", "address": address}
+        config = parse_config(
+            {
+                "listeners": [listener],
+                "accounts": [{"name": "w", "password": EXAMPLE_PASSWORD_HASH, "senders": ["*"]}],
+            }
+        )
+        assert (example_password_exposed(config) is not None) is exposed, address

@@ -12,8 +12,10 @@ from relay.admin.client import AdminClient, endpoint_from_config
 
 
 def _client(args: argparse.Namespace, config_path: str) -> AdminClient:
-    url, token = endpoint_from_config(config_path)
-    return AdminClient(args.admin_url or url, args.token or token)
+    endpoint = endpoint_from_config(config_path)
+    if args.token:
+        return AdminClient(args.admin_url or endpoint.url, args.token, "--token")
+    return AdminClient(args.admin_url or endpoint.url, endpoint.token, endpoint.token_from)
 
 
 def _messages(client: AdminClient, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
@@ -160,7 +162,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     common.add_argument("--admin-url", help="e.g. http://127.0.0.1:9025 (overrides the config)")
     common.add_argument(
-        "--token", help="admin bearer token (default: admin.token or $RELAY_ADMIN_TOKEN)"
+        "--token",
+        help="admin bearer token (default: $RELAY_ADMIN_TOKEN, admin.token, or the token "
+        "the daemon generated in <spool.path>/admin.token)",
     )
 
     queue = sub.add_parser("queue", help="inspect and act on the mail queue")

@@ -254,7 +254,8 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     admin = m.Admin(
         address=anode.get("address", v.ip_address, "127.0.0.1"),
         port=anode.get("port", v.integer(0, 65535), 9025),
-        token=anode.get("token", lambda raw: m.Secret(raw) if raw else None, None),
+        token=anode.get("token", lambda raw: m.Secret(v.string(raw)) if raw else None, None),
+        metrics_public=anode.get("metrics_public", v.boolean, False),
     )
     anode.finish()
 
@@ -377,6 +378,10 @@ def load_config(path: str) -> m.Config:
             raw = yaml.safe_load(handle)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except ValueError as exc:
+        # PyYAML builds an int of more than 4,300 digits with int(), which refuses it
+        # (CVE-2020-10735): a ValueError, not a YAMLError, and no line number to give.
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from exc
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)

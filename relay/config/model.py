@@ -54,7 +54,8 @@ class Limits:
 class Admin:
     address: str
     port: int
-    token: Secret | None
+    token: Secret | None  # None: a token generated into the spool is used (SPEC §12)
+    metrics_public: bool  # /metrics without a token even on a non-loopback address
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Each raises ValueError with a sentence fit to follow "key.path: ".
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -40,6 +41,22 @@ _RATE_UNITS = {
 }
 
 
+# Ten years. Anything longer is a typo or an attack: a NaN, an infinity or a 400-digit
+# number would otherwise reach timers, heaps and time.localtime() and fail there, far from
+# the key or request that carried it.
+MAX_DURATION = 3650 * 86400.0
+_DURATION_HINT = 'expected a duration like "30s", "5m", "4h" or "5d"'
+
+
+def _shown(value: object) -> str:
+    """The offending value for an error sentence, cut short: a 400-digit number is quoted
+    by its start (and repr() of a 5,000-digit int raises ValueError itself)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return "a number too large"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 @dataclass(frozen=True, slots=True)
 class Rate:
     """`count` events per `period` seconds, as written ("300/min")."""
@@ -57,17 +74,27 @@ class Rate:
 
 
 def parse_duration(value: object) -> float:
-    """ "30s", "5m", "4h", "5d" (a bare number is seconds) → seconds."""
+    """ "30s", "5m", "4h", "5d" (a bare number is seconds) → seconds, finite and at most
+    `MAX_DURATION`. JSON and YAML both spell NaN and infinities as numbers (`NaN`, `1e400`,
+    `.inf`); every such value is refused here, so no caller has to remember to."""
     if isinstance(value, bool):
-        raise ValueError('expected a duration like "30s", "5m", "4h" or "5d"')
+        raise ValueError(_DURATION_HINT)
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("expected a duration that is not negative")
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f'expected a duration like "30s", "5m", "4h" or "5d", got {value!r}')
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int with hundreds of digits
+            seconds = math.inf
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{_DURATION_HINT}, got {_shown(value)}")
+        # float() of a 400-digit string is inf, not an error: checked below like the rest.
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        raise ValueError(f"expected a finite duration of at most 3650d, got {_shown(value)}")
+    if seconds < 0:
+        raise ValueError("expected a duration that is not negative")
+    return seconds
 
 
 def parse_size(value: object) -> int:
@@ -88,8 +115,9 @@ def parse_rate(value: object) -> Rate:
     """ "300/min", "10/s", "2000/h", "5000/d" → Rate."""
     match = _RATE.match(str(value)) if isinstance(value, str) else None
     if not match:
-        raise ValueError(f'expected "N/unit" like "300/min", got {value!r}')
+        raise ValueError(f'expected "N/unit" like "300/min", got {_shown(value)}')
     count = float(match.group(1))
-    if count <= 0:
-        raise ValueError(f'expected a positive rate like "300/min", got {value!r}')
+    # A 400-digit count is inf: a token bucket with an infinite rate is no limit at all.
+    if not math.isfinite(count) or count <= 0:
+        raise ValueError(f'expected a positive rate like "300/min", got {_shown(value)}')
     return Rate(count, _RATE_UNITS[match.group(2)], str(value).strip())

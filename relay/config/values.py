@@ -67,6 +67,18 @@ def ip_address(value: Any) -> str:
     return text
 
 
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and their IPv4-mapped forms (::ffff:127.0.0.1, which
+    Python 3.11's is_loopback does not count); False for wildcards and anything else."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
 def network(value: Any) -> m.IPNetwork:
     try:
         return ipaddress.ip_network(string(value), strict=False)
