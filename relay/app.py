@@ -21,6 +21,7 @@ from relay.admin.http import start_admin
 from relay.admin.service import QueueService
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.config import load_config
+from relay.config.checks import example_password_exposed
 from relay.config.model import Config
 from relay.delivery.connector import Connector
 from relay.delivery.context import LaneContext
@@ -193,6 +194,9 @@ class Relay:
             return self._reload_failed(exc.problems)
         except RelayError as exc:
             return self._reload_failed([str(exc)])
+        exposed = example_password_exposed(config)
+        if exposed is not None:
+            return self._reload_failed([exposed])
         if config.spool_path != self.config.spool_path:
             log.warning("spool.path changed: it takes effect at the next restart")
         self.config = config
