@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.relayproc import make_message
-from tests.test_operations import scrape
-from tests.test_shaping import route
+from tests.support import route, scrape
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import smtplib
 import pytest
 
 from tests.relayproc import make_message
+from tests.support import wait_until
 
 
 def _dsn_parts(data: bytes) -> tuple[email.message.EmailMessage, list[dict[str, str]]]:
@@ -52,7 +53,8 @@ def test_delivers_with_headers_intact(relay_factory, dns_server, mx_farm):
     relay.wait_log(
         f"id={queue_id} to=<bob@example.test> provider=default relay=mx1.example.test[127.0.0.2]"
     )
-    assert relay.spool_files() == []  # delivered: nothing left behind
+    # Delivered: nothing left behind (the files go after the outcome is logged).
+    assert wait_until(lambda: relay.spool_files() == []), relay.spool_files()
 
 
 def test_existing_message_id_and_date_are_kept(relay_factory, dns_server, mx_farm):
@@ -156,7 +158,7 @@ def test_recipients_grouped_per_domain_and_transaction(relay_factory, dns_server
         [f"u{i}@one.test" for i in range(5)] + ["v@two.test"],
         make_message("grouped"),
     )
-    one.wait_for(lambda: sum(len(m.rcpt_tos) for m in one.messages) == 5)
+    assert one.wait_for(lambda: sum(len(m.rcpt_tos) for m in one.messages) == 5)
     assert sorted(len(m.rcpt_tos) for m in one.messages) == [1, 2, 2]
     assert [m.rcpt_tos for m in two.wait_messages(1)] == [["v@two.test"]]
 
@@ -184,9 +186,7 @@ def test_partial_rcpt_failure_bounces_only_the_refused(
     assert [r["Final-Recipient"] for r in recipients] == ["rfc822; nobody@example.test"]
     assert recipients[0]["Action"] == "failed"
     assert recipients[0]["Status"] == "5.1.1"
-    assert recipients[0]["Remote-MTA"] == "dns; mx.example.test" or recipients[0][
-        "Remote-MTA"
-    ].startswith("dns; ")
+    assert recipients[0]["Remote-MTA"] == "dns; example.test"  # its implicit MX
     assert "user unknown" in recipients[0]["Diagnostic-Code"]
 
 
@@ -304,12 +304,12 @@ def test_all_mx_unreachable_defers_the_destination(relay_factory, dns_server):
     ids = [
         relay.send("app@example.org", [f"u{i}@down.test"], make_message(f"d{i}")) for i in range(5)
     ]
-    log = relay.wait_log("destination=default:down.test unreachable, queue deferred")
+    relay.wait_log("destination=default:down.test unreachable, queue deferred")
     relay.wait_log("status=deferred")
-    # One destination-level failure holds the queue: the other messages wait without
-    # each hammering the dead hosts.
-    assert log.count("status=deferred") < len(ids)
     assert relay.stop() == 0
+    # One destination-level failure holds the queue: the other messages wait without
+    # each hammering the dead hosts (counted over the whole run, not at the first failure).
+    assert relay.log().count("status=deferred") < len(ids)
     assert len([f for f in relay.spool_files() if not f.endswith(".st")]) == len(ids)
 
 

@@ -1,0 +1,48 @@
+"""Helpers that several test modules share: routing a test domain, reading the daemon's
+metrics, and waiting (bounded) on its observable state. Fixtures stay in conftest.py."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.dnsserver import DnsServer
+from tests.relayproc import RelayProcess
+
+
+def route(dns_server: DnsServer, domain: str, ip: str) -> None:
+    """`domain` gets one MX, mx.`domain`, at `ip`."""
+    dns_server.mx(domain, (10, f"mx.{domain}"))
+    dns_server.add(f"mx.{domain}", "A", ip)
+
+
+def scrape(relay: RelayProcess) -> dict[str, dict[tuple, float]]:
+    """name → {labels: value} from the daemon's /metrics, parsed by prometheus-client."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{relay.admin_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples: dict[str, dict[tuple, float]] = defaultdict(dict)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name][tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def depth(
+    relay: RelayProcess, provider: str, state: str, class_name: str = "transactional"
+) -> float:
+    key = (("class", class_name), ("provider", provider), ("state", state))
+    return scrape(relay)["relay_queue_depth"].get(key, 0.0)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20) -> bool:
+    """Bounded wait on the daemon's observable state (its API answers, not a sleep guess)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
