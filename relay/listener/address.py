@@ -5,13 +5,13 @@ Strict on purpose: an address we accept is one every later hop will accept.
 
 from __future__ import annotations
 
-import ipaddress
 import re
+
+from relay.domains import InvalidDomain, normalize_domain
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = re.compile(rf"^{_ATOM}(?:\.{_ATOM})*$")
 _QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
 
 
@@ -19,43 +19,42 @@ class PathError(ValueError):
     """The path or its parameters are malformed; the message says how."""
 
 
-def _valid_domain(domain: str, utf8: bool) -> bool:
-    if domain.startswith("[") and domain.endswith("]"):
-        inner = domain[1:-1]
-        if inner.lower().startswith("ipv6:"):
-            inner = inner[5:]
-        try:
-            ipaddress.ip_address(inner)
-        except ValueError:
-            return False
-        return True
-    if utf8 and not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            return False
-    labels = domain.split(".")
-    return len(domain) <= 253 and len(labels) >= 2 and all(_LABEL.match(x) for x in labels)
+def _valid_domain(domain: str) -> str | None:
+    """The normalised domain (SPEC §5), or None. A literal must be an IP address; a
+    name needs two labels at least: mail to a bare host name is a typo, not a route."""
+    try:
+        normal = normalize_domain(domain)
+    except InvalidDomain:
+        return None
+    if normal.startswith("[") or "." in normal:
+        return normal
+    return None
 
 
-def valid_mailbox(address: str, utf8: bool = False) -> bool:
+def normalized_mailbox(address: str, utf8: bool = False) -> str | None:
+    """The mailbox with its domain normalised, or None when it is not one we accept.
+
+    Without SMTPUTF8 (RFC 6531) the address must be ASCII as sent, even where the
+    domain would map to an ASCII A-label: the client has not said it may send UTF-8.
+    """
     try:
         address.encode("utf-8")  # invalid UTF-8 arrives as lone surrogates: refuse it
     except UnicodeEncodeError:
-        return False
+        return None
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain or len(address) > 254 or len(local) > 64:
-        return False
+        return None
     if not utf8 and not address.isascii():
-        return False
+        return None
     if utf8 and not local.isascii():
         # RFC 6531: UTF-8 local parts; keep the atom structure, allow non-ASCII letters
         ascii_local = "".join(c if c.isascii() else "a" for c in local)
     else:
         ascii_local = local
     if not (_DOT_ATOM.match(ascii_local) or _QUOTED.match(ascii_local)):
-        return False
-    return _valid_domain(domain, utf8)
+        return None
+    normal = _valid_domain(domain)
+    return None if normal is None else f"{local}@{normal}"
 
 
 def split_path(argument: str, keyword: str) -> tuple[str, list[str]]:

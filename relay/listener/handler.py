@@ -1,25 +1,24 @@
 """What a submission session does with a message: decide, stamp, store, hand over.
 
-The `250` for a message is returned only after the spool reports it durable.
+The `250` for a message is returned only after the spool reports it durable. The
+handler sees the session through narrow values (`Transaction`, and the policy's
+`Client`), never the session object, so this module does not depend on session.py.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from relay.config.model import Account, Config, Listener
-from relay.dns.resolver import Resolver
-from relay.errors import DnsTemporaryError, SpoolError
+from relay.errors import SpoolError
 from relay.listener.fastdir import dispatch_names
 from relay.listener.headers import detect, field_names, header_block, trace_headers
-from relay.listener.policy import ConnectionGate, Policy
-from relay.spool.records import Envelope
+from relay.listener.policy import Client, ConnectionGate, Policy, Refusal
+from relay.spool.records import Envelope, EnvelopeRecipient
 from relay.spool.store import Spool
-
-if TYPE_CHECKING:
-    from relay.listener.session import Submission
 
 log = logging.getLogger("relay.listener")
 
@@ -33,6 +32,31 @@ class ListenerEvents(Protocol):
     def rejected(self, reason: str) -> None:
         """One refusal, by relay_messages_rejected_total's reason label."""
 
+    def auth_failed(self) -> None:
+        """One AUTH refused (wrong credentials or locked out): relay_auth_failures_total."""
+
+
+class Session(Protocol):
+    """What drain and close need of an open session."""
+
+    def close_for_shutdown(self) -> None: ...
+
+    def hang_up(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """A finished MAIL/RCPT/DATA exchange, as the handler stores it."""
+
+    client: Client
+    helo: str
+    esmtp: bool
+    sender: str  # normalised
+    recipients: tuple[EnvelopeRecipient, ...]  # addresses normalised
+    envid: str | None
+    ret: str | None
+    smtputf8: bool
+
 
 class SubmissionHandler:
     def __init__(
@@ -43,7 +67,6 @@ class SubmissionHandler:
         gate: ConnectionGate,
         spool: Spool,
         events: ListenerEvents,
-        resolver: Resolver,
     ) -> None:
         self.config = config  # both replaced on reload
         self.listener = listener
@@ -51,14 +74,13 @@ class SubmissionHandler:
         self.gate = gate
         self.spool = spool
         self.events = events
-        self.resolver = resolver  # replaced on reload
-        self.sessions: set[Submission] = set()
+        self.sessions: set[Session] = set()
 
     def __dir__(self) -> list[str]:
         return dispatch_names(type(self))
 
     async def handle_EHLO(
-        self, server: Submission, session: Any, envelope: Any, hostname: str, responses: list[str]
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         """Advertise what we implement; no AUTH where the listener offers none."""
         session.host_name = hostname
@@ -69,60 +91,14 @@ class SubmissionHandler:
         responses.append(last)
         return responses
 
-    def account_of(self, server: Submission) -> Account | None:
-        session = server.session
-        if session is None or not session.authenticated:
-            return None
-        login = getattr(session.auth_data, "login", b"")
-        return self.config.account(login.decode("utf-8", "replace"))
+    def refuse(self, refusal: Refusal) -> str:
+        """The reply to send, counted under its reason."""
+        if refusal.reason is not None:
+            self.note_rejected(refusal.reason)
+        return refusal.reply
 
-    def may_submit(self, server: Submission) -> str | None:
-        """Never an open relay: AUTH or a trusted network, else no MAIL."""
-        if server.trusted or self.account_of(server) is not None:
-            return None
-        self.note_rejected("auth")
-        if self.listener.auth == "none":
-            return "554 5.7.1 Relay access denied: client not in trusted networks"
-        return "530 5.7.0 Authentication required"
-
-    async def check_sender(self, server: Submission, sender: str) -> str | None:
-        """Null sender, the account's own senders, its rate, a domain bounces can reach."""
-        if not sender:
-            self.note_rejected("sender")
-            return "550 5.7.1 Null sender is not allowed on submission"
-        account = self.account_of(server)
-        if account is not None and not self.policy.sender_allowed(account, sender):
-            self.note_rejected("sender")
-            log.warning(
-                "sender <%s> refused for account %s from %s", sender, account.name, server.peer_ip
-            )
-            return f"553 5.7.1 Sender address rejected: <{sender}> not owned by user {account.name}"
-        if account is not None and not self.policy.rates.allow(account):
-            self.note_rejected("rate")
-            log.warning(
-                "account %s over its rate %s: MAIL refused from %s",
-                account.name,
-                account.rate,
-                server.peer_ip,
-            )
-            return (
-                f"450 4.7.1 Error: account {account.name} is over its sending rate "
-                f"({account.rate}); try again later"
-            )
-        return await self._sender_domain(sender)
-
-    async def _sender_domain(self, sender: str) -> str | None:
-        """A return path must be routable, or bounces have nowhere to go (Postfix's
-        reject_unknown_sender_domain)."""
-        domain = sender.rpartition("@")[2].lower()
-        try:
-            routable = await self.resolver.routable(domain)
-        except DnsTemporaryError:
-            return f"451 4.1.8 <{sender}>: Sender address rejected: cannot look up {domain}"
-        if not routable:
-            self.note_rejected("sender")
-            return f"550 5.1.8 <{sender}>: Sender address rejected: {domain} accepts no mail"
-        return None
+    def note_auth_failed(self) -> None:
+        self.events.auth_failed()
 
     def note_rejected(self, reason: str) -> None:
         self.events.rejected(reason)
@@ -136,9 +112,8 @@ class SubmissionHandler:
                     return candidate.name
         return name
 
-    async def accept(self, server: Submission, content: bytes) -> str:
-        assert server.envelope is not None and server.session is not None
-        account = self.account_of(server)
+    async def accept(self, transaction: Transaction, content: bytes) -> str:
+        account = transaction.client.account
         message_id = self.spool.new_id()
         headers = header_block(content)
         names = field_names(headers)
@@ -147,12 +122,12 @@ class SubmissionHandler:
             trace_headers(
                 message_id=message_id,
                 hostname=self.config.hostname,
-                helo=server.session.host_name or "unknown",
-                peer_ip=server.peer_ip,
-                tls=server.tls_active,
+                helo=transaction.helo or "unknown",
+                peer_ip=transaction.client.peer_ip,
+                tls=transaction.client.tls,
                 authenticated=account is not None,
-                esmtp=bool(server.session.extended_smtp),
-                recipients=[r.address for r in server.recipients],
+                esmtp=transaction.esmtp,
+                recipients=[r.address for r in transaction.recipients],
                 names=names,
                 now=now,
             )
@@ -160,15 +135,15 @@ class SubmissionHandler:
         )
         envelope = Envelope(
             id=message_id,
-            sender=server.envelope.mail_from or "",
-            recipients=tuple(server.recipients),
+            sender=transaction.sender,
+            recipients=transaction.recipients,
             received_at=now,
             size=len(stamped),
             class_name=self._class_for(account, headers, names),
             account=account.name if account else "trusted",
-            envid=server.mail_params.get("ENVID"),
-            ret=server.mail_params.get("RET"),
-            smtputf8=bool(server.envelope.smtp_utf8),
+            envid=transaction.envid,
+            ret=transaction.ret,
+            smtputf8=transaction.smtputf8,
         )
         try:
             offset = await self.spool.store(envelope, stamped)
@@ -184,7 +159,7 @@ class SubmissionHandler:
             envelope.class_name,
             envelope.size,
             len(envelope.recipients),
-            server.peer_ip,
+            transaction.client.peer_ip,
         )
         self.events.accepted(envelope, offset)
         return f"250 2.0.0 Ok: queued as {message_id}"

@@ -1,6 +1,8 @@
 """Who may submit what: accounts, passwords, senders, trusted networks, connection caps.
 
-Everything the listener decides about a client, apart from SMTP syntax, is here.
+Everything the listener decides about a client, apart from SMTP syntax, is here. The
+policy sees a session only as a `Client`, a frozen snapshot of what it may read, taken
+when it asks; it never holds or reaches into the session itself.
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ import ipaddress
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
 
 from relay.config.model import Account, Config, Listener
-from relay.listener.abuse import AccountRates, AuthThrottle
+from relay.dns.resolver import Resolver
+from relay.domains import InvalidDomain, normalize_domain
+from relay.errors import DnsTemporaryError
+from relay.listener.abuse import AccountRates, AuthFailures, LocalAuthFailures
 from relay.passwords import verify_password
 
 log = logging.getLogger("relay.listener")
@@ -49,19 +56,43 @@ class ConnectionGate:
             self.idle.set()
 
 
+@dataclass(frozen=True, slots=True)
+class Client:
+    """A session as the policy sees it, at the moment it asks."""
+
+    listener: Listener
+    peer_ip: str
+    trusted: bool  # in the listener's trusted_networks
+    tls: bool  # the session is encrypted (implicit TLS or after STARTTLS)
+    account: Account | None  # authenticated, and still in the configuration
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A reply refusing a command, and the relay_messages_rejected_total reason to count
+    it under (None: not counted, as for plain syntax errors)."""
+
+    reply: str
+    reason: str | None = None
+
+
 class Policy:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, resolver: Resolver, auth_failures: AuthFailures | None = None
+    ) -> None:
         self.config = config
+        self.resolver = resolver  # replaced on reload
         # A successful login is remembered as an HMAC of the password, so a client that
         # logs in for every message does not pay a fresh scrypt (~50 ms of CPU) each time.
         self._verified: dict[str, bytes] = {}
         self._key = os.urandom(32)
         self.rates = AccountRates()
-        self.auth_throttle = AuthThrottle()
+        self.auth_failures: AuthFailures = auth_failures or LocalAuthFailures()
 
-    def reconfigure(self, config: Config) -> None:
+    def reconfigure(self, config: Config, resolver: Resolver) -> None:
         """New accounts take effect at once; remembered logins are forgotten."""
         self.config = config
+        self.resolver = resolver
         self._verified.clear()
 
     def trusted(self, listener: Listener, ip: str) -> bool:
@@ -72,6 +103,10 @@ class Policy:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
             address = address.ipv4_mapped
         return any(address in network for network in listener.trusted_networks)
+
+    def account(self, login: str | None) -> Account | None:
+        """The configured account of a login name (None once a reload removed it)."""
+        return None if login is None else self.config.account(login)
 
     async def authenticate(self, login: bytes, password: bytes) -> Account | None:
         """The account for these credentials, or None; same cost whether the name exists."""
@@ -89,8 +124,78 @@ class Policy:
 
     @staticmethod
     def sender_allowed(account: Account, sender: str) -> bool:
+        """`sender` is normalised (lower-cased here); so are the patterns' domains, so
+        that `*@bücher.example` in the configuration allows what arrives as an A-label."""
         sender = sender.lower()
-        return any(fnmatch.fnmatchcase(sender, pattern.lower()) for pattern in account.senders)
+        return any(fnmatch.fnmatchcase(sender, _pattern(pattern)) for pattern in account.senders)
+
+    def may_submit(self, client: Client) -> Refusal | None:
+        """Never an open relay: AUTH or a trusted network, else no MAIL."""
+        if client.trusted or client.account is not None:
+            return None
+        if client.listener.auth == "none":
+            return Refusal("554 5.7.1 Relay access denied: client not in trusted networks", "auth")
+        return Refusal("530 5.7.0 Authentication required", "auth")
+
+    async def check_sender(self, client: Client, sender: str) -> Refusal | None:
+        """Null sender, the account's own senders, its rate, a domain bounces can reach."""
+        if not sender:
+            return Refusal("550 5.7.1 Null sender is not allowed on submission", "sender")
+        account = client.account
+        if account is not None and not self.sender_allowed(account, sender):
+            log.warning(
+                "sender <%s> refused for account %s from %s", sender, account.name, client.peer_ip
+            )
+            return Refusal(
+                f"553 5.7.1 Sender address rejected: <{sender}> not owned by user {account.name}",
+                "sender",
+            )
+        if account is not None and not self.rates.allow(account):
+            log.warning(
+                "account %s over its rate %s: MAIL refused from %s",
+                account.name,
+                account.rate,
+                client.peer_ip,
+            )
+            return Refusal(
+                f"450 4.7.1 Error: account {account.name} is over its sending rate "
+                f"({account.rate}); try again later",
+                "rate",
+            )
+        return await self._sender_domain(sender)
+
+    async def _sender_domain(self, sender: str) -> Refusal | None:
+        """A return path must be routable, or bounces have nowhere to go (Postfix's
+        reject_unknown_sender_domain)."""
+        domain = sender.rpartition("@")[2].lower()
+        try:
+            routable = await self.resolver.routable(domain)
+        except DnsTemporaryError:
+            return Refusal(
+                f"451 4.1.8 <{sender}>: Sender address rejected: cannot look up {domain}"
+            )
+        if not routable:
+            return Refusal(
+                f"550 5.1.8 <{sender}>: Sender address rejected: {domain} accepts no mail",
+                "sender",
+            )
+        return None
+
+
+@lru_cache(maxsize=1024)
+def _pattern(pattern: str) -> str:
+    """A `senders` glob in the form senders are compared in: lower case, each domain
+    label without glob characters as IDNA normalises it (a label like `*` is kept)."""
+    local, at, domain = pattern.lower().rpartition("@")
+    if not at:
+        return domain
+    labels = []
+    for label in domain.split("."):
+        try:
+            labels.append(label if set(label) & set("*?[]") else normalize_domain(label))
+        except InvalidDomain:
+            labels.append(label)  # matched as written; it can only match what it spells
+    return f"{local}@{'.'.join(labels)}"
 
 
 # Verifying against a throwaway hash when the account does not exist keeps timing

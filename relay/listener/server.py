@@ -14,6 +14,7 @@ import logging
 import socket
 import ssl
 import time
+from functools import partial
 from typing import Any
 
 from relay.config.model import Config, Listener
@@ -28,6 +29,7 @@ from relay.tls import certificate_files, load_into
 log = logging.getLogger("relay.listener")
 
 BIND_WAIT = 3.0
+HANDSHAKE_TIMEOUT = 30.0  # seconds, for implicit TLS; asyncio's own default is 60
 
 
 def bind_sockets(config: Config) -> dict[str, list[socket.socket]]:
@@ -95,7 +97,7 @@ class Listeners:
         self.resolver = resolver
         self.config = config
         self.tls_context = tls_context  # read at each new connection: reload swaps it
-        self.policy = Policy(config)
+        self.policy = Policy(config, resolver)
         self.gate = ConnectionGate(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
@@ -115,17 +117,13 @@ class Listeners:
                 self.gate,
                 self._spool,
                 self._events,
-                self.resolver,
             )
             self.handlers.append(handler)
-            implicit = listener.tls == "implicit"
             for sock in sockets[listener.name]:
+                # No ssl= even for implicit TLS: the session runs the handshake itself,
+                # once the connection is counted (see Submission._start_implicit_tls).
                 self.servers.append(
-                    await loop.create_server(
-                        lambda handler=handler: self._session(handler),
-                        sock=sock,
-                        ssl=self.tls_context if implicit else None,
-                    )
+                    await loop.create_server(partial(self._session, handler), sock=sock)
                 )
             log.info(
                 "listening on %s:%d (%s, tls=%s, auth=%s)",
@@ -140,6 +138,10 @@ class Listeners:
         config, listener = handler.config, handler.listener
         return Submission(
             handler,
+            implicit_tls=self.tls_context if listener.tls == "implicit" else None,
+            # A handshake is a few round trips; one that takes longer holds a connection
+            # slot, so it gets no more than a command would (and at most HANDSHAKE_TIMEOUT).
+            handshake_timeout=min(config.limits.idle_timeout, HANDSHAKE_TIMEOUT),
             hostname=config.hostname,
             ident="relay",
             data_size_limit=config.limits.max_message_size,
@@ -166,7 +168,6 @@ class Listeners:
         self.resolver = resolver
         for handler in self.handlers:
             handler.config = config
-            handler.resolver = resolver
             new = by_name.get(handler.listener.name)
             if new is not None and _socket_key(new) == _socket_key(handler.listener):
                 handler.listener = new
@@ -174,11 +175,11 @@ class Listeners:
         if self.tls_context is None or tls_context is None:
             self.tls_context = tls_context
         else:
-            # Load the new certificate into the context the sockets already hold, so that
-            # implicit-TLS listeners (whose socket owns its context) change too.
+            # Load the new certificate into the context sessions already hold, so that
+            # a session between its accept and its handshake gets the new one too.
             cert, key = certificate_files(config.tls, config.spool_path, config.hostname)
             load_into(self.tls_context, cert, key)
-        self.policy.reconfigure(config)
+        self.policy.reconfigure(config, resolver)
         self.gate.total = config.limits.max_connections
         self.gate.per_ip = config.limits.max_connections_per_ip
 
@@ -197,7 +198,6 @@ class Listeners:
             server.close()
         for handler in self.handlers:
             for session in list(handler.sessions):
-                if session.transport is not None:
-                    session.transport.close()
+                session.hang_up()
         for server in self.servers:
             await server.wait_closed()

@@ -3,7 +3,8 @@
 aiosmtpd gives us the command loop, STARTTLS (with the RFC 3207 §4.2 buffer discard)
 and AUTH framing. We replace MAIL and RCPT because aiosmtpd upper-cases parameter
 values (which would corrupt ENVID and ORCPT) and refuses DSN parameters; and DATA,
-to read in large chunks with the smuggling-safe terminator of `data.py`.
+to read in large chunks with the smuggling-safe terminator of `data.py`. Implicit TLS
+(RFC 8314) is started here too, on a connection already counted, not by the server.
 """
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
+import ssl
+from asyncio import sslproto
 from base64 import b64decode
 from typing import Any, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
 
-from relay.listener.address import PathError, decode_xtext, parse_params, split_path, valid_mailbox
+from relay.listener.abuse import auth_delay
+from relay.listener.address import PathError, normalized_mailbox, parse_params, split_path
 from relay.listener.data import read_data
 from relay.listener.fastdir import dispatch_names
-from relay.listener.handler import SubmissionHandler
+from relay.listener.handler import SubmissionHandler, Transaction
+from relay.listener.params import check_mail_params, check_rcpt_params
+from relay.listener.policy import Client
 from relay.spool.records import EnvelopeRecipient
 
 log = logging.getLogger("relay.listener")
@@ -30,12 +36,22 @@ class Submission(SMTP):
     # RFC line length aiosmtpd uses) would stall DATA every 2 KB.
     line_length_limit = 64 * 1024
 
-    def __init__(self, handler: SubmissionHandler, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: SubmissionHandler,
+        *,
+        implicit_tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self.handler = handler
         self.peer_ip = ""
         self.trusted = False
         self._admitted = False
+        self._implicit_tls = implicit_tls
+        self._handshake_timeout = handshake_timeout
+        self._handshaking = False
         self.recipients: list[EnvelopeRecipient] = []
         self.mail_params: dict[str, str] = {}
 
@@ -45,6 +61,12 @@ class Submission(SMTP):
     # Connection lifecycle
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._handshaking:  # implicit TLS is up: asyncio's SSLProtocol calls with its transport
+            self._handshaking = False
+            super().connection_made(transport)
+            assert self.session is not None and self._tls_protocol is not None
+            self.session.ssl = self._tls_protocol._extra
+            return
         if self.transport is None:  # the first call; STARTTLS calls again
             peer = transport.get_extra_info("peername") or ("", 0)
             self.peer_ip = str(peer[0])
@@ -58,22 +80,74 @@ class Submission(SMTP):
             self._admitted = True
             self.handler.sessions.add(self)
             self.trusted = self.handler.policy.trusted(self.handler.listener, self.peer_ip)
+            if self._implicit_tls is not None:
+                self._start_implicit_tls(transport, self._implicit_tls)
+                return
         super().connection_made(transport)
 
-    @staticmethod
-    def _refuse(transport: asyncio.BaseTransport, reply: bytes) -> None:
-        """Say why and hang up. (uvloop's transports do not derive from asyncio's
-        WriteTransport classes, hence the cast rather than an isinstance check.)"""
+    def _start_implicit_tls(
+        self, transport: asyncio.BaseTransport, context: ssl.SSLContext
+    ) -> None:
+        """The TLS handshake of an implicit-TLS listener, on a connection admitted above.
+
+        Given to create_server(ssl=...), asyncio would run the handshake before any
+        protocol of ours saw the connection: stalled handshakes would escape
+        max_connections and max_connections_per_ip, each held for asyncio's default 60 s.
+        Here the slot is taken at accept and the handshake has our own deadline. The
+        layering is the one aiosmtpd's STARTTLS uses; the session starts (greeting) when
+        the SSLProtocol calls connection_made again with its transport.
+        """
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(
+            self.loop,
+            self,
+            context,
+            waiter,
+            server_side=True,
+            # typeshed says int; asyncio takes any positive number of seconds
+            ssl_handshake_timeout=cast(int, self._handshake_timeout),
+        )
+        self._original_transport = transport
+        self._handshaking = True
+        transport.set_protocol(self._tls_protocol)
+        waiter.add_done_callback(self._handshake_done)
+        self._tls_protocol.connection_made(transport)
+
+    def _handshake_done(self, waiter: asyncio.Future[None]) -> None:
+        """A failed or timed-out handshake never reaches connection_lost (the SSLProtocol
+        only reports losses after it has called connection_made): free the slot here."""
+        if not waiter.cancelled() and waiter.exception() is None:
+            return
+        error = None if waiter.cancelled() else waiter.exception()
+        log.info("TLS handshake with %s failed: %s", self.peer_ip, error or "cancelled")
+        self._handshaking = False
+        if self._original_transport is not None:
+            self._original_transport.close()
+        self._release()
+
+    def _refuse(self, transport: asyncio.BaseTransport, reply: bytes) -> None:
+        """Say why and hang up. On an implicit-TLS connection before its handshake a
+        plaintext reply would be garbage to the client (and a handshake just to refuse
+        would cost what the cap protects): hang up only.
+
+        (uvloop's transports do not derive from asyncio's WriteTransport classes,
+        hence the cast rather than an isinstance check.)"""
         writer = cast(asyncio.WriteTransport, transport)
-        writer.write(reply + b"\r\n")
+        if self._implicit_tls is None or self._tls_protocol is not None:
+            writer.write(reply + b"\r\n")
         writer.close()
 
-    def connection_lost(self, error: Exception | None) -> None:
+    def _release(self) -> None:
         if not self._admitted:
             return
         self._admitted = False
         self.handler.gate.release(self.peer_ip)
         self.handler.sessions.discard(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._admitted:
+            return
+        self._release()
         super().connection_lost(error)
 
     @property
@@ -84,11 +158,19 @@ class Submission(SMTP):
         """Between transactions: say goodbye now. In one: after its reply (see DATA).
 
         A session already closing (its client vanished) is left to finish: writing to a
-        TLS transport that has let go of its SSL protocol raises.
+        TLS transport that has let go of its SSL protocol raises. One still in its
+        implicit-TLS handshake has no transport yet; it ends by itself within the
+        handshake timeout, or at `hang_up`.
         """
         transport = self.transport
         if transport is not None and not transport.is_closing() and not self.in_transaction:
             self._refuse(transport, b"421 4.3.2 Service shutting down, try again later")
+
+    def hang_up(self) -> None:
+        """Close the connection now, whatever stage it is at."""
+        transport = self.transport or self._original_transport
+        if transport is not None:
+            transport.close()
 
     def _set_rset_state(self) -> None:
         super()._set_rset_state()  # type: ignore[no-untyped-call]
@@ -99,6 +181,21 @@ class Submission(SMTP):
     def tls_active(self) -> bool:
         return self._tls_protocol is not None or (
             self.transport is not None and self.transport.get_extra_info("sslcontext") is not None
+        )
+
+    def client(self) -> Client:
+        """What the policy may know of this session, now."""
+        session = self.session
+        login = None
+        if session is not None and session.authenticated:
+            raw = getattr(session.auth_data, "login", b"")
+            login = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else None
+        return Client(
+            listener=self.handler.listener,
+            peer_ip=self.peer_ip,
+            trusted=self.trusted,
+            tls=self.tls_active,
+            account=self.handler.policy.account(login),
         )
 
     async def handle_exception(self, error: Exception) -> str:
@@ -116,24 +213,42 @@ class Submission(SMTP):
 
     # AUTH: credentials are checked off the event loop (scrypt is deliberately slow).
 
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self.handler.listener.auth == "none":
+            # EHLO offers no AUTH here; a client that tries anyway must not get in by it
+            # (a listener for trusted networks would otherwise take any account's mail).
+            await self.push("503 5.5.1 Error: authentication not enabled")
+            return
+        await super().smtp_AUTH(arg)
+
     async def _check(self, login: bytes, password: bytes) -> AuthResult:
-        throttle = self.handler.policy.auth_throttle
-        if throttle.locked(self.peer_ip):
-            log.warning("AUTH refused from %s: too many failures", self.peer_ip)
+        failures = self.handler.policy.auth_failures
+        name = login.decode("utf-8", "replace")
+        # Counted before the check, so parallel guesses cannot all pass a "not locked
+        # yet" test before the first of them has failed (see abuse.AuthFailures).
+        if not await failures.attempt(self.peer_ip, name):
+            log.warning("AUTH refused from %s for %r: too many failures", self.peer_ip, name[:64])
+            self.handler.note_auth_failed()
             await self.push("454 4.7.0 Too many authentication failures, try again later")
             return AuthResult(success=False, handled=True)
-        account = await self.handler.policy.authenticate(login, password)
+        try:
+            account = await self.handler.policy.authenticate(login, password)
+        except BaseException:
+            # A check cut short (the client hung up, the process stops) has spent its
+            # attempt: hanging up must not be a way to guess for free.
+            await asyncio.shield(failures.failed(self.peer_ip, name))
+            raise
         if account is None:
-            delay = throttle.failed(self.peer_ip)
+            delay = auth_delay(await failures.failed(self.peer_ip, name))
             log.warning(
-                "AUTH failed from %s for %r (answer delayed %.1fs)",
-                self.peer_ip,
-                login.decode("utf-8", "replace")[:64],
-                delay,
+                "AUTH failed from %s for %r (answer delayed %.1fs)", self.peer_ip, name[:64], delay
             )
+            self.handler.note_auth_failed()
             if delay:
                 await asyncio.sleep(delay)  # each failure costs the guesser more time
             return AuthResult(success=False, handled=False)
+        await failures.passed(self.peer_ip, name)
         return AuthResult(success=True, auth_data=LoginPassword(login, b""), message=None)
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
@@ -179,9 +294,10 @@ class Submission(SMTP):
             await self.push("421 4.3.2 Service shutting down, try again later")
             self.close_for_shutdown()
             return
-        refusal = self.handler.may_submit(self)
+        client = self.client()
+        refusal = self.handler.policy.may_submit(client)
         if refusal:
-            await self.push(refusal)
+            await self.push(self.handler.refuse(refusal))
             return
         if self.envelope.mail_from is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
@@ -190,18 +306,23 @@ class Submission(SMTP):
         if parsed is None:
             return
         sender, params = parsed
-        reply = self._check_mail_params(params)
-        if reply:
-            await self.push(reply)
+        refusal = check_mail_params(params, self.handler.config.limits.max_message_size)
+        if refusal:
+            await self.push(self.handler.refuse(refusal))
             return
         utf8 = "SMTPUTF8" in params
-        if sender and not valid_mailbox(sender, utf8):
-            self.handler.note_rejected("syntax")
-            await self.push("501 5.1.7 Bad sender address syntax")
-            return
-        reply = await self.handler.check_sender(self, sender)
-        if reply:
-            await self.push(reply)
+        if sender:
+            # Normalised before the policy sees it: an allowed-senders glob or a rate
+            # must not be sidestepped by spelling the domain in full-width letters.
+            normal = normalized_mailbox(sender, utf8)
+            if normal is None:
+                self.handler.note_rejected("syntax")
+                await self.push("501 5.1.7 Bad sender address syntax")
+                return
+            sender = normal
+        refusal = await self.handler.policy.check_sender(client, sender)
+        if refusal:
+            await self.push(self.handler.refuse(refusal))
             return
         self.envelope.mail_from = sender
         self.envelope.smtp_utf8 = utf8
@@ -218,53 +339,6 @@ class Submission(SMTP):
             await self.push(f"501 5.5.4 Syntax: {verb}:<address> ({exc})")
             return None
 
-    def _check_mail_params(self, params: dict[str, str]) -> str | None:
-        for key, value in params.items():
-            if key == "SIZE":
-                if not value.isdigit():
-                    return "501 5.5.4 SIZE takes a number"
-                if int(value) > self.handler.config.limits.max_message_size:
-                    self.handler.note_rejected("size")
-                    return "552 5.3.4 Message size exceeds fixed maximum message size"
-            elif key == "BODY":
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    return "501 5.5.4 BODY is 7BIT or 8BITMIME"
-            elif key == "SMTPUTF8":
-                if value:
-                    return "501 5.5.4 SMTPUTF8 takes no value"
-            elif key == "RET":
-                if value.upper() not in ("FULL", "HDRS"):
-                    return "501 5.5.4 RET is FULL or HDRS"
-                params[key] = value.upper()
-            elif key == "ENVID":
-                try:
-                    params[key] = decode_xtext(value)
-                except PathError:
-                    return "501 5.5.4 ENVID must be xtext"
-                if len(params[key]) > 100:
-                    return "501 5.5.4 ENVID is too long"
-            elif key == "AUTH":
-                continue  # RFC 4954 §5: informational; we record the authenticated account
-            else:
-                return f"555 5.5.4 Unsupported MAIL parameter {key}"
-        return None
-
-    def _check_rcpt_params(self, params: dict[str, str]) -> str | None:
-        """RFC 3461 NOTIFY and ORCPT; normalises NOTIFY in place."""
-        for key, value in params.items():
-            if key == "NOTIFY":
-                words = value.upper().split(",")
-                if not (words == ["NEVER"] or set(words) <= {"SUCCESS", "FAILURE", "DELAY"}):
-                    return "501 5.5.4 NOTIFY is NEVER or SUCCESS,FAILURE,DELAY"
-                params[key] = ",".join(words)
-            elif key == "ORCPT":
-                kind, semi, _ = value.partition(";")
-                if not semi or not kind:
-                    return "501 5.5.4 ORCPT is addr-type;xtext"
-            else:
-                return f"555 5.5.4 Unsupported RCPT parameter {key}"
-        return None
-
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
@@ -280,23 +354,24 @@ class Submission(SMTP):
         if parsed is None:
             return
         address, params = parsed
-        if not address or not valid_mailbox(address, self.envelope.smtp_utf8):
+        # The domain is normalised (SPEC §5) before it is stored, routed or limited; one
+        # that does not normalise is a syntax error like any other.
+        normal = normalized_mailbox(address, self.envelope.smtp_utf8) if address else None
+        if normal is None:
             await self.push("501 5.1.3 Bad recipient address syntax")
             return
-        reply = self._check_rcpt_params(params)
-        if reply:
-            await self.push(reply)
+        refusal = check_rcpt_params(params)
+        if refusal:
+            await self.push(self.handler.refuse(refusal))
             return
-        self.recipients.append(
-            EnvelopeRecipient(address, params.get("NOTIFY"), params.get("ORCPT"))
-        )
-        self.envelope.rcpt_tos.append(address)
+        self.recipients.append(EnvelopeRecipient(normal, params.get("NOTIFY"), params.get("ORCPT")))
+        self.envelope.rcpt_tos.append(normal)
         await self.push("250 2.1.5 Ok")
 
     async def smtp_DATA(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
-        assert self.envelope is not None
+        assert self.session is not None and self.envelope is not None
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
@@ -314,8 +389,21 @@ class Submission(SMTP):
             self.handler.note_rejected("size")
             reply = "552 5.3.4 Message size exceeds fixed maximum message size"
         else:
-            reply = await self.handler.accept(self, result.content)
+            reply = await self.handler.accept(self._transaction(), result.content)
         self._set_rset_state()
         await self.push(reply)
         if self.handler.gate.draining:
             self.close_for_shutdown()
+
+    def _transaction(self) -> Transaction:
+        assert self.session is not None and self.envelope is not None
+        return Transaction(
+            client=self.client(),
+            helo=self.session.host_name or "",
+            esmtp=bool(self.session.extended_smtp),
+            sender=self.envelope.mail_from or "",
+            recipients=tuple(self.recipients),
+            envid=self.mail_params.get("ENVID"),
+            ret=self.mail_params.get("RET"),
+            smtputf8=bool(self.envelope.smtp_utf8),
+        )

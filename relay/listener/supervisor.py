@@ -120,6 +120,8 @@ class ListenerProcess:
             self._events.accepted(message[1], message[2])  # type: ignore[arg-type]
         elif kind == "rejected":
             self._events.rejected(message[1])  # type: ignore[arg-type]
+        elif kind == "auth_failed":
+            self._events.auth_failed()
         elif kind == "ready":
             self._ready.set()
 

@@ -3,10 +3,11 @@
 The main process binds the sockets, starts this process (`python -m
 relay.listener.worker FD`, FD its end of a socketpair) and sends ("start", config,
 {listener name: [socket fds]}). From then on this process reports each durable message
-("accepted", envelope, body offset) before its client hears 250, and each refusal
-("rejected", reason); it takes ("config", config) on reload and ("drain", grace) at
-shutdown, after which it exits once its sessions are done. If the main process dies,
-so does this one (PR_SET_PDEATHSIG), and an end of file on the socketpair means the same.
+("accepted", envelope, body offset) before its client hears 250, each refusal
+("rejected", reason) and each refused AUTH ("auth_failed",); it takes ("config",
+config) on reload and ("drain", grace) at shutdown, after which it exits once its
+sessions are done. If the main process dies, so does this one (PR_SET_PDEATHSIG), and
+an end of file on the socketpair means the same.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class _Reporter:
 
     def rejected(self, reason: str) -> None:
         self._writer.write(ipc.frame("rejected", reason))
+
+    def auth_failed(self) -> None:
+        self._writer.write(ipc.frame("auth_failed"))
 
 
 def _die_with_parent(parent: int) -> None:
