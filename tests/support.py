@@ -1,8 +1,10 @@
-"""Helpers that several test modules share: routing a test domain, reading the daemon's
-metrics, and waiting (bounded) on its observable state. Fixtures stay in conftest.py."""
+"""Helpers that several test modules share: routing a test domain, submitting in
+parallel, reading the daemon's metrics, and waiting (bounded) on its observable state.
+Fixtures stay in conftest.py."""
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -11,13 +13,36 @@ from collections.abc import Callable
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dnsserver import DnsServer
-from tests.relayproc import RelayProcess
+from tests.relayproc import RelayProcess, make_message
 
 
 def route(dns_server: DnsServer, domain: str, ip: str) -> None:
     """`domain` gets one MX, mx.`domain`, at `ip`."""
     dns_server.mx(domain, (10, f"mx.{domain}"))
     dns_server.add(f"mx.{domain}", "A", ip)
+
+
+def submit_many(
+    relay: RelayProcess,
+    recipients_of: Callable[[int], list[str]],
+    count: int,
+    threads: int = 4,
+    headers: str = "",
+) -> None:
+    """Submit `count` messages over `threads` parallel sessions; recipients_of(i) → list."""
+
+    def worker(offset: int) -> None:
+        with relay.client() as smtp:
+            for i in range(offset, count, threads):
+                smtp.sendmail(
+                    "app@example.org", recipients_of(i), make_message(f"m{i}", headers=headers)
+                )
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(120)
 
 
 def scrape(relay: RelayProcess) -> dict[str, dict[tuple, float]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import threading
 import time
 
 import pytest
@@ -12,24 +11,7 @@ import pytest
 from tests import providers as p
 from tests.mxserver import Blackhole
 from tests.relayproc import make_message
-from tests.support import route
-
-
-def submit_many(relay, recipients_of, count: int, threads: int = 4, headers: str = "") -> None:
-    """Submit `count` messages over `threads` parallel sessions; recipients_of(i) → list."""
-
-    def worker(offset: int) -> None:
-        with relay.client() as smtp:
-            for i in range(offset, count, threads):
-                smtp.sendmail(
-                    "app@example.org", recipients_of(i), make_message(f"m{i}", headers=headers)
-                )
-
-    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join(120)
+from tests.support import route, submit_many
 
 
 def assert_suspended_then_delivered(relay, mx, quirk_off, seconds: float, address: str):
