@@ -93,7 +93,12 @@ class ListenerProcess:
         while True:
             process, reader = await self._spawn()
             while (message := await ipc.receive(reader)) is not None:
-                self._dispatch(message)
+                try:
+                    self._dispatch(message)
+                except Exception:
+                    # A bug in one handler must not stop the reports that follow: a lost
+                    # "accepted" would leave durable mail unqueued until the next start.
+                    log.exception("listener report %r could not be handled", message[:1])
             served = self._ready.is_set()
             self._ready.clear()
             self._writer = None
