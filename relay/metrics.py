@@ -78,6 +78,18 @@ class Metrics:
             "relay_connections_open", "Open outbound connections", ["provider"], registry=r
         )
         self.auth_failures = Counter("relay_auth_failures", "Failed AUTH attempts", registry=r)
+        self.dkim_signatures = Counter(
+            "relay_dkim_signatures",
+            "DKIM signatures made at acceptance",
+            ["domain", "result"],
+            registry=r,
+        )
+        self.tls_policy = Counter(
+            "relay_tls_policy",
+            "Outbound sessions by the TLS policy that applied and what came of it",
+            ["provider", "policy", "result"],
+            registry=r,
+        )
         self.reload_success = Gauge(
             "relay_config_reload_success",
             "1 if the last configuration (re)load succeeded",

@@ -161,7 +161,9 @@ def _shaping(node: _Node, base: m.Shaping | None, delivery_tls: str) -> m.Shapin
         ),
         route=node.get("route", v.optional(v.host_port(25)), inherit("route", None)),
         tls=node.get(
-            "tls", v.choice("opportunistic", "required", "disabled"), inherit("tls", delivery_tls)
+            "tls",
+            v.choice("disabled", "opportunistic", "required", "verify", "dane"),
+            inherit("tls", delivery_tls),
         ),
         rules=_rules(node, "rules"),
     )
@@ -265,6 +267,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
             "nameservers", lambda raw: tuple(v.host_port(53)(x) for x in v.string_list(raw)), ()
         ),
         timeout=dnode.get("timeout", parse_duration, 5.0),
+        dnssec=dnode.get("dnssec", v.boolean, False),
     )
     dnode.finish()
 
@@ -281,6 +284,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
                 senders=acnode.get("senders", v.string_list, _MISSING),
                 class_name=acnode.get("class", class_name, None),
                 rate=acnode.get("rate", v.optional(parse_rate), None),
+                dkim=acnode.get("dkim", v.boolean, True),
             )
         )
         acnode.finish()
@@ -289,7 +293,11 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     delivery = m.Delivery(
         port=dlv.get("port", v.integer(1, 65535), 25),
         source_address=dlv.get("source_address", v.optional(v.ip_address), None),
-        tls=dlv.get("tls", v.choice("opportunistic", "required", "disabled"), "opportunistic"),
+        tls=dlv.get(
+            "tls",
+            v.choice("disabled", "opportunistic", "required", "verify", "dane"),
+            "opportunistic",
+        ),
         connect_timeout=dlv.get("connect_timeout", parse_duration, 30.0),
         greeting_timeout=dlv.get("greeting_timeout", parse_duration, 300.0),
         command_timeout=dlv.get("command_timeout", parse_duration, 300.0),
@@ -297,6 +305,10 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         data_xfer_timeout=dlv.get("data_xfer_timeout", parse_duration, 180.0),
         data_done_timeout=dlv.get("data_done_timeout", parse_duration, 600.0),
         idle_connection_timeout=dlv.get("idle_connection_timeout", parse_duration, 30.0),
+        mta_sts=dlv.get("mta_sts", v.boolean, True),
+        dane=dlv.get("dane", v.boolean, True),
+        ca_file=dlv.get("ca_file", v.optional(v.string), None),
+        tls_broken_ttl=dlv.get("tls_broken_ttl", parse_duration, 3 * 86400.0),
     )
     dlv.finish()
 
@@ -348,6 +360,8 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         if redis_url:
             cluster = m.Cluster(m.Secret(redis_url))
 
+    dkim = _dkim(root.child("dkim"), problems)
+
     root.finish()
     if problems.items:
         raise ConfigError(problems.items)
@@ -367,6 +381,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         providers=tuple(providers),
         rules=rules,
         cluster=cluster,
+        dkim=dkim,
         source=source,
     )
 
@@ -395,3 +410,24 @@ def load_config(path: str) -> m.Config:
 
 
 __all__ = ["Rate", "load_config", "parse_config"]
+
+
+def _dkim(node: _Node, problems: _Problems) -> m.Dkim:
+    """Key entries; whether each key file can be read and used is checked by relay.dkim
+    (check-config and start), which names the entry's key path."""
+    keys: list[m.DkimKey] = []
+    for path, body in node.items("keys"):
+        knode = _Node(body, path, problems)
+        domain = knode.get("domain", v.hostname, _MISSING)
+        selector = knode.get("selector", v.hostname, _MISSING)
+        keys.append(
+            m.DkimKey(
+                domain=domain.lower().rstrip(".") if domain else domain,
+                selector=selector,
+                key=knode.get("key", v.string, _MISSING),
+            )
+        )
+        knode.finish()
+    headers = node.get("headers", v.choice("default"), "default")
+    node.finish()
+    return m.Dkim(tuple(keys), headers)

@@ -11,7 +11,8 @@ from relay.config.units import Rate
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 TlsMode = Literal["none", "starttls", "implicit"]
-DeliveryTls = Literal["opportunistic", "required", "disabled"]
+DeliveryTls = Literal["disabled", "opportunistic", "required", "verify", "dane"]
+DKIM_ALGORITHMS = ("rsa", "ed25519")
 RuleAction = Literal["retry", "bounce", "suspend", "throttle"]
 
 
@@ -62,6 +63,7 @@ class Admin:
 class Dns:
     nameservers: tuple[tuple[str, int], ...]
     timeout: float
+    dnssec: bool = False  # trust the AD bit of the configured (local, validating) resolver
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,22 @@ class Account:
     senders: tuple[str, ...]
     class_name: str | None
     rate: Rate | None
+    dkim: bool = True  # false: this account's mail is left unsigned
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    """One signing key (SPEC §11); the From: header's domain picks it."""
+
+    domain: str  # normalised (A-label, lower case)
+    selector: str
+    key: str  # path to the PEM private key (RSA or Ed25519)
+
+
+@dataclass(frozen=True)
+class Dkim:
+    keys: tuple[DkimKey, ...] = ()
+    headers: str = "default"  # RFC 6376 §5.4.1 set; From, Subject, To oversigned
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,10 @@ class Delivery:
     data_xfer_timeout: float  # each block of the content (§4.5.3.2.6)
     data_done_timeout: float  # <CRLF>.<CRLF> → final reply (§4.5.3.2.7)
     idle_connection_timeout: float
+    mta_sts: bool = True  # honour MTA-STS (RFC 8461)
+    dane: bool = True  # honour DANE TLSA (RFC 7672) when DNS answers are validated
+    ca_file: str | None = None  # extra CA bundle for verification
+    tls_broken_ttl: float = 3 * 86400.0  # opportunistic: plaintext to an MX whose TLS broke
 
 
 @dataclass(frozen=True)
@@ -159,6 +181,7 @@ class Config:
     providers: tuple[Provider, ...]
     rules: tuple[Rule, ...]
     cluster: Cluster | None
+    dkim: Dkim = field(default_factory=Dkim)
     source: str = field(default="", compare=False)
 
     def account(self, name: str) -> Account | None:
