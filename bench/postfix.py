@@ -94,44 +94,48 @@ class Sink:
 class Postfix:
     """A private instance: its own queue under `workdir`, smtpd on 127.0.0.1:`port`,
     DNS off. `relayhost` sends everything to one sink; `transport` (domain → nexthop
-    such as "[127.1.0.1]:2525") gives each domain a queue of its own."""
+    such as "[127.1.0.1]:2525") gives each distinct nexthop a queue of its own (domains
+    sent to the same nexthop share one); `settings` override main.cf parameters."""
 
     def __init__(
-        self, workdir: Path, port: int, relayhost: str = "", transport: dict[str, str] | None = None
+        self,
+        workdir: Path,
+        port: int,
+        relayhost: str = "",
+        transport: dict[str, str] | None = None,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.dir = workdir / "postfix"
         etc, queue, data = self.dir / "etc", self.dir / "queue", self.dir / "data"
         for path in (etc, queue, data):
             path.mkdir(parents=True)
         shutil.chown(data, "postfix")
-        (etc / "main.cf").write_text(
-            "\n".join(
-                [
-                    "compatibility_level = 3.6",
-                    f"queue_directory = {queue}",
-                    f"data_directory = {data}",
-                    "mail_owner = postfix",
-                    "setgid_group = postdrop",
-                    "myhostname = postfix.bench.test",
-                    "mydestination =",
-                    "mynetworks = 127.0.0.0/8",
-                    "inet_interfaces = 127.0.0.1",
-                    "inet_protocols = ipv4",
-                    f"relayhost = {relayhost}",
-                    "smtp_dns_support_level = disabled",
-                    "smtp_host_lookup = native",
-                    "disable_dns_lookups = yes",
-                    "smtpd_recipient_restrictions = permit_mynetworks, reject",
-                    "default_destination_concurrency_limit = 20",
-                    "alias_maps =",
-                    "local_recipient_maps =",
-                    f"maillog_file_prefixes = {self.dir}",
-                    f"maillog_file = {self.dir}/maillog",
-                    f"transport_maps = texthash:{etc}/transport" if transport else "",
-                    "",
-                ]
-            )
-        )
+        main = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(queue),
+            "data_directory": str(data),
+            "mail_owner": "postfix",
+            "setgid_group": "postdrop",
+            "myhostname": "postfix.bench.test",
+            "mydestination": "",
+            "mynetworks": "127.0.0.0/8",
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "relayhost": relayhost,
+            "smtp_dns_support_level": "disabled",
+            "smtp_host_lookup": "native",
+            "disable_dns_lookups": "yes",
+            "smtpd_recipient_restrictions": "permit_mynetworks, reject",
+            "default_destination_concurrency_limit": "20",
+            "alias_maps": "",
+            "local_recipient_maps": "",
+            "maillog_file_prefixes": str(self.dir),
+            "maillog_file": f"{self.dir}/maillog",
+        }
+        if transport:
+            main["transport_maps"] = f"texthash:{etc}/transport"
+        main.update(settings or {})
+        (etc / "main.cf").write_text("".join(f"{key} = {value}\n" for key, value in main.items()))
         if transport:
             (etc / "transport").write_text(
                 "".join(f"{domain} smtp:{nexthop}\n" for domain, nexthop in transport.items())

@@ -2,6 +2,12 @@
 
 Each server records every transaction with the connection it came on, counts
 concurrent connections, and can be told to misbehave by replacing one hook.
+
+Connections are counted at the socket level, as the destination sees them: open from the
+transport's connection_made until the client's FIN (eof_received) or the transport's
+connection_lost, whichever comes first. A client that frees its slot only once its socket
+is closed can never make `max_open` exceed its limit; one that opens the next connection
+before the previous one's FIN is out is caught.
 """
 
 from __future__ import annotations
@@ -39,15 +45,20 @@ class MxServer:
         self.host = host
         self.port = port
         self.messages: list[Received] = []
-        self.connections = 0
-        self.open = 0
-        self.max_open = 0
-        self.transactions: dict[int, int] = {}
+        self.connections = 0  # accepted in total
+        self.open = 0  # open now
+        self.open_ids: set[int] = set()
+        self.max_open = 0  # the most open at once (since reset_max_open)
+        self.transactions: dict[int, int] = {}  # connection id → transactions carried
         self.connect_times: list[float] = []
+        self.greeting_delay = 0.0  # seconds between accepting TCP and sending the 220
+        self._sessions: asyncio.Semaphore | None = None  # see serve_at_most
+        self._stall: asyncio.Event | None = None  # see stall_data
         self.mail_hook: Callable[[str], str | None] = lambda sender: None
         self.rcpt_hook: Callable[[str], str | None] = lambda address: None
         self.data_hook: Callable[[Received], str | None] = lambda message: None
         self.greeting: str | None = None  # e.g. "421 4.3.2 busy": refuse at connect
+        self._stalled = 0
         self._server: asyncio.Server | None = None
 
     # called in the farm's loop
@@ -59,24 +70,27 @@ class MxServer:
         )
 
     async def close(self) -> None:
+        if self._stall is not None:
+            self._stall.set()
         if self._server is not None:
             self._server.close()
 
-    def _opened(self) -> int:
+    def _opened(self, conn: int) -> None:
         with self.farm.cond:
             self.connections += 1
             self.open += 1
+            self.open_ids.add(conn)
             self.max_open = max(self.max_open, self.open)
             self.connect_times.append(time.monotonic())
-            conn = next(self.farm.ids)
             self.transactions[conn] = 0
             self.farm.cond.notify_all()
-        return conn
 
-    def _closed(self) -> None:
+    def _closed(self, conn: int) -> None:
         with self.farm.cond:
-            self.open -= 1
-            self.farm.cond.notify_all()
+            if conn in self.open_ids:
+                self.open_ids.discard(conn)
+                self.open -= 1
+                self.farm.cond.notify_all()
 
     def _record(self, message: Received) -> None:
         message.time = time.monotonic()
@@ -86,6 +100,37 @@ class MxServer:
             self.farm.cond.notify_all()
 
     # called from tests
+
+    def serve_at_most(self, sessions: int) -> None:
+        """Like postscreen in front of a few smtpd processes: accept every TCP connection at
+        once, but greet only `sessions` at a time; the others wait for their 220."""
+        self._sessions = asyncio.Semaphore(sessions)
+
+    def stall_data(self) -> None:
+        """Take the content of every DATA, then answer nothing until `release` (or close):
+        each transaction stays in flight on the client's side."""
+        self._stall = asyncio.Event()
+
+    def release(self) -> None:
+        """End `stall_data`: the stalled transactions and the later ones are accepted."""
+        stall = self._stall
+        if stall is not None:
+            self.farm.loop.call_soon_threadsafe(stall.set)
+
+    def stalled(self) -> int:
+        """Transactions waiting for their final reply under `stall_data`."""
+        with self.farm.cond:
+            return self._stalled
+
+    def open_connections(self) -> set[int]:
+        """Ids of the connections open now."""
+        with self.farm.cond:
+            return set(self.open_ids)
+
+    def reset_max_open(self) -> None:
+        """Start counting `max_open` afresh from the connections open now."""
+        with self.farm.cond:
+            self.max_open = self.open
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 20) -> bool:
         with self.farm.cond:
@@ -138,13 +183,23 @@ class _Handler:
         refusal = self.server.data_hook(message)
         if refusal:
             return refusal
+        stall = self.server._stall
+        if stall is not None and not stall.is_set():
+            with self.server.farm.cond:
+                self.server._stalled += 1
+                self.server.farm.cond.notify_all()
+            try:
+                await stall.wait()
+            finally:
+                with self.server.farm.cond:
+                    self.server._stalled -= 1
         self.server._record(message)
         return "250 2.0.0 OK queued"
 
 
 class _Protocol(SMTP):
     def __init__(self, server: MxServer) -> None:
-        self.conn = server._opened()
+        self.conn = next(server.farm.ids)
         self.mx = server
         super().__init__(
             _Handler(server, self.conn),
@@ -154,20 +209,47 @@ class _Protocol(SMTP):
         )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # aiosmtpd calls this again after STARTTLS, on the same connection: count the first.
+        if self.transport is None:
+            self.mx._opened(self.conn)
         if self.mx.greeting and self.transport is None:
             transport.write(self.mx.greeting.encode() + b"\r\n")
             transport.close()
-            self.mx._closed()
+            self.mx._closed(self.conn)
             self._refused = True
             return
         self._refused = False
         super().connection_made(transport)
 
+    def eof_received(self) -> bool | None:
+        # The client's FIN: from here on it has closed the connection, whatever our side does.
+        self.mx._closed(self.conn)
+        return super().eof_received()
+
     def connection_lost(self, error: Exception | None) -> None:
+        self.mx._closed(self.conn)
         if self._refused:
             return
-        self.mx._closed()
         super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        # aiosmtpd's session task, which sends the 220 first thing: a greeting delay or a
+        # busy "process" holds it back. A client that leaves meanwhile cancels the task
+        # (eof_received, connection_lost); aiosmtpd closes its side only once inside.
+        try:
+            if self.mx.greeting_delay:
+                await asyncio.sleep(self.mx.greeting_delay)
+            sessions = self.mx._sessions
+            if sessions is not None:
+                await sessions.acquire()
+        except asyncio.CancelledError:
+            self._writer.close()
+            raise
+        try:
+            await super()._handle_client()
+        finally:
+            if sessions is not None:
+                sessions.release()
 
 
 class MxFarm:
