@@ -304,7 +304,7 @@ def test_all_mx_unreachable_defers_the_destination(relay_factory, dns_server):
     ids = [
         relay.send("app@example.org", [f"u{i}@down.test"], make_message(f"d{i}")) for i in range(5)
     ]
-    relay.wait_log("destination=default:down.test unreachable, queue deferred")
+    relay.wait_log("site=mx1.down.test,mx2.down.test unreachable, deferred")
     relay.wait_log("status=deferred")
     assert relay.stop() == 0
     # One destination-level failure holds the queue: the other messages wait without
