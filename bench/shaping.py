@@ -147,7 +147,11 @@ def isolation(args: argparse.Namespace, secret: str) -> None:
                     dns.port,
                     farm.port,
                     secret,
-                    delivery={"port": farm.port, "connect_timeout": "30s"},
+                    delivery={
+                        "port": farm.port,
+                        "connect_timeout": "30s",
+                        "greeting_timeout": "30s",
+                    },
                     retry={"initial": "1m", "max": "5m"},
                 ),
             ).start()
