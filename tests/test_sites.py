@@ -18,8 +18,7 @@ from collections import Counter
 import yaml
 
 from tests.relayproc import make_message
-from tests.test_operations import scrape, wait_until
-from tests.test_shaping import route, submit_many
+from tests.support import route, scrape, submit_many, wait_until
 
 ORANGE_DOMAINS = ["orange.fr", "wanadoo.fr", "client.example"]  # the last: a customer's
 
