@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
+from collections.abc import Callable
 
-from relay.spool import Envelope, EnvelopeRecipient, RecipientStatus, Spool, StateRecord
+from relay.spool import Envelope, EnvelopeRecipient, RecipientStatus, Spool, StateRecord, store
 
 
 def envelope(spool: Spool, body: bytes, recipients: int = 3) -> Envelope:
@@ -92,3 +94,76 @@ def test_ids_are_unique_and_sortable(tmp_path):
     spool = Spool(str(tmp_path))
     ids = [spool.new_id() for _ in range(2000)]
     assert len(set(ids)) == 2000
+
+
+class DirectorySyncs:
+    """Stands in for the spool's directory fsync: records what each sync covered (the
+    names in the directory when it ran) and can hold one sync until released."""
+
+    def __init__(self, real: Callable[[str], None]) -> None:
+        self.real = real
+        self.synced: list[tuple[str, set[str]]] = []
+        self.hold_next = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, directory: str) -> None:
+        if self.hold_next:
+            self.hold_next = False
+            self.entered.set()
+            assert self.release.wait(10), "the held directory sync was never released"
+        self.synced.append((directory, set(os.listdir(directory))))
+        self.real(directory)
+
+
+def test_new_progress_log_has_its_directory_synced(tmp_path, monkeypatch):
+    syncs = DirectorySyncs(store._fsync_dir)
+    monkeypatch.setattr(store, "_fsync_dir", syncs)
+    spool = Spool(str(tmp_path))
+    spool.open()
+    env = envelope(spool, b"x\r\n", recipients=2)
+    directory = os.path.dirname(spool.message_path(env.id))
+    state_name = env.id + ".st"
+
+    async def go() -> None:
+        await spool.store(env, b"x\r\n")
+        syncs.synced.clear()
+        await spool.record(env.id, [StateRecord((0,), RecipientStatus.DELIVERED, 1, 0, "ok")])
+        # The log's name is durable: a sync of its directory ran after it was created.
+        assert [d for d, names in syncs.synced if state_name in names] == [directory]
+        syncs.synced.clear()
+        await spool.record(env.id, [StateRecord((1,), RecipientStatus.DEFERRED, 1, 9, "451")])
+        assert syncs.synced == []  # appending to it makes no new name: no directory sync
+
+    asyncio.run(go())
+
+
+def test_append_racing_the_creation_waits_for_its_directory_sync(tmp_path, monkeypatch):
+    syncs = DirectorySyncs(store._fsync_dir)
+    monkeypatch.setattr(store, "_fsync_dir", syncs)
+    spool = Spool(str(tmp_path))
+    spool.open()
+    env = envelope(spool, b"x\r\n", recipients=2)
+
+    async def go() -> None:
+        await spool.store(env, b"x\r\n")
+        syncs.hold_next = True
+        first = asyncio.ensure_future(
+            spool.record(env.id, [StateRecord((0,), RecipientStatus.DELIVERED, 1, 0, "ok")])
+        )
+        try:
+            assert await asyncio.to_thread(syncs.entered.wait, 10)
+            # The log exists now, its directory sync is held: a second record for another
+            # recipient (another lane) appends to it and must not return before a sync.
+            second = asyncio.ensure_future(
+                spool.record(env.id, [StateRecord((1,), RecipientStatus.BOUNCED, 1, 0, "550")])
+            )
+            done, _ = await asyncio.wait({second}, timeout=0.5)
+            assert not done, "an append returned while the log's name was not yet durable"
+        finally:
+            syncs.release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 10)
+        [recovered] = list(spool.recover(stale_before=time.time()))
+        assert sorted(r.indices for r in recovered.records) == [(0,), (1,)]
+
+    asyncio.run(go())

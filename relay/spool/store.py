@@ -3,7 +3,9 @@
 Writing follows the classic recipe: write a temporary file, fsync it, rename it into
 place, fsync the directory (the rename itself is not durable until then). The
 directory fsync is shared: every rename made before a directory sync starts is covered
-by it, so concurrent sessions pay one directory fsync between them (group commit).
+by it, so concurrent sessions pay one directory fsync between them (group commit). A
+progress log is appended to in place, but the append that creates it makes a new name
+too, and syncs the directory the same way.
 File fsyncs run in worker threads, where the filesystem coalesces concurrent ones into
 one journal commit.
 """
@@ -58,6 +60,7 @@ class _GroupSync:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._dirs: dict[str, tuple[threading.Lock, list[int]]] = {}
+        self._creating: dict[str, int] = {}  # path → creations whose sync is not yet done
 
     def sync(self, directory: str) -> None:
         with self._lock:
@@ -74,6 +77,23 @@ class _GroupSync:
                 upto = counters[0]
             _fsync_dir(directory)
             counters[1] = upto
+
+    def creating(self, path: str) -> None:
+        """Announce a file about to be created, before its name can appear."""
+        with self._lock:
+            self._creating[path] = self._creating.get(path, 0) + 1
+
+    def created(self, path: str) -> None:
+        """The creation announced is over: synced, or failed."""
+        with self._lock:
+            left = self._creating.pop(path) - 1
+            if left:
+                self._creating[path] = left
+
+    def pending(self, path: str) -> bool:
+        """Is `path` a name that may not be durable yet (its creator has not synced)?"""
+        with self._lock:
+            return path in self._creating
 
 
 def _fsync_dir(directory: str) -> None:
@@ -108,10 +128,36 @@ def _write_durably(
     dirsync.sync(os.path.dirname(final_path))
 
 
-def _append_durably(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def _append_durably(path: str, data: bytes, dirsync: _GroupSync) -> None:
+    """Append and fsync. The append that creates the file also syncs its directory: an
+    fsync of the file does not make its new name durable (fsync(2)), and a crash would
+    lose the log with every outcome in it, repeating those deliveries. An append that
+    finds the file before its creator has synced the directory waits for a sync too:
+    its own record is in that file."""
+    flags = os.O_WRONLY | os.O_APPEND
+    directory = os.path.dirname(path)
     try:
-        os.write(fd, data)
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        dirsync.creating(path)
+        try:
+            fd = os.open(path, flags | os.O_CREAT, 0o600)
+            _write_synced(fd, data)
+            dirsync.sync(directory)
+        finally:
+            dirsync.created(path)
+        return
+    _write_synced(fd, data)
+    if dirsync.pending(path):
+        dirsync.sync(directory)
+
+
+def _write_synced(fd: int, data: bytes) -> None:
+    """Write all of `data` at the end of the file, fsync, close."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -216,7 +262,7 @@ class Spool:
         data = b"".join(record.encode() for record in records)
         path = self.message_path(message_id) + _STATE_SUFFIX
         try:
-            await asyncio.to_thread(_append_durably, path, data)
+            await asyncio.to_thread(_append_durably, path, data, self._dirsync)
         except OSError as exc:
             raise SpoolError(
                 exc.errno, f"cannot record state of {message_id}: {exc.strerror}"
