@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from email.utils import format_datetime, localtime, make_msgid
 
+from relay.listener.address import PathError, decode_xtext
 from relay.reply import Reply
 from relay.spool.records import Envelope, EnvelopeRecipient
 
@@ -40,6 +41,26 @@ def _headers_of(message: bytes) -> bytes:
 
 def _clean(text: str) -> str:
     return " ".join(text.split())
+
+
+def _original_recipient(orcpt: str) -> str:
+    """ORCPT as the report shows it: addr-type ";" the address itself (RFC 3464 §2.3.1).
+
+    The spool keeps ORCPT as the client sent it, xtext-encoded (RFC 3461 §4.2), because
+    that is how the next hop gets it; the report decodes it (RFC 3461 §4: "+HH" is octet
+    HH). The report part is ASCII (UTF-8 would need RFC 6533's global report), so a value
+    that decodes to anything but printable ASCII (control characters included: the
+    listener refuses those, a spool may hold older ones) or does not decode is shown as
+    sent: xtext is printable ASCII, and cannot add a line to the report.
+    """
+    kind, _, encoded = orcpt.partition(";")
+    try:
+        address = decode_xtext(encoded)
+    except PathError:
+        return orcpt
+    if not all(" " <= char <= "~" for char in address):
+        return orcpt
+    return f"{kind};{address}"
 
 
 def build_dsn(
@@ -73,7 +94,8 @@ def build_dsn(
     for failure in failures:
         fields = []
         if failure.recipient.orcpt:
-            fields.append(f"Original-Recipient: {_clean(failure.recipient.orcpt)}")
+            orcpt = _original_recipient(failure.recipient.orcpt)
+            fields.append(f"Original-Recipient: {_clean(orcpt)}")
         fields += [
             f"Final-Recipient: rfc822; {failure.recipient.address}",
             f"Action: {failure.action}",
