@@ -100,6 +100,9 @@ class Relay:
     def auth_failed(self) -> None:
         self.metrics.auth_failures.inc()
 
+    def dkim_signed(self, domain: str, result: str) -> None:
+        self.metrics.dkim_signatures.labels(domain, result).inc()
+
     # startup
 
     def _recover_in_background(self, stale_before: float, what: str) -> None:

@@ -1,4 +1,4 @@
-"""Command line: the only place that exits. `relay serve | check-config | passwd`."""
+"""Command line: the only place that exits. `relay serve | check-config | passwd | dkim`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,15 @@ def _config_path(args: argparse.Namespace) -> str:
 
 def _load(path: str) -> Config:
     try:
-        return load_config(path)
+        config = load_config(path)
+        # A DKIM key is a file the YAML only names: read and checked here, so that
+        # check-config and serve both refuse one that cannot sign.
+        from relay.dkim import load_keys
+
+        problems = load_keys(config.dkim).problems
+        if problems:
+            raise ConfigError(list(problems))
+        return config
     except ConfigError as exc:
         print(f"relay: invalid configuration {path}:", file=sys.stderr)
         for problem in exc.problems:
@@ -116,6 +124,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for class_name in sorted(config.classes, key=lambda c: -config.classes[c].priority):
         print("  " + "  ".join(f"({class_name}, {name})" for name, *_ in rows))
     print(f"global rules: {len(config.rules)}")
+    from relay.dkim import load_keys
+
+    keys = load_keys(config.dkim).keys
+    print("dkim keys:" if keys else "dkim keys: none (mail leaves unsigned)")
+    for key in keys:
+        size = f" {key.bits} bits" if key.algorithm == "rsa" else ""
+        print(f"  {key.domain}: selector={key.selector} algorithm={key.algorithm}{size} {key.path}")
     return 0
 
 
@@ -133,6 +148,25 @@ def cmd_passwd(args: argparse.Namespace) -> int:
         print("relay: empty password refused", file=sys.stderr)
         return 1
     print(hash_password(password))
+    return 0
+
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    from relay.dkim.keygen import keygen, zone_record
+
+    try:
+        key = keygen(args.domain, args.selector, args.algorithm, args.bits, args.out)
+    except ValueError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    except FileExistsError as exc:
+        print(f"relay: {exc.filename} exists; a published record may name it", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"relay: cannot write {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"relay: wrote {key.path} (mode 0600); publish in DNS:", file=sys.stderr)
+    print(zone_record(key))
     return 0
 
 
@@ -160,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
     passwd = sub.add_parser("passwd", help="hash a password for accounts[].password")
     passwd.set_defaults(func=cmd_passwd)
+    dkim = sub.add_parser("dkim", help="DKIM signing keys").add_subparsers(
+        dest="dkim_command", required=True
+    )
+    keygen = dkim.add_parser(
+        "keygen", help="write a new signing key and print the DNS TXT record to publish"
+    )
+    keygen.add_argument("--domain", required=True, help="signing domain (the d= tag)")
+    keygen.add_argument("--selector", required=True, help="selector (the s= tag), e.g. s2026")
+    keygen.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    keygen.add_argument("--bits", type=int, help="RSA modulus size (default 2048)")
+    keygen.add_argument("--out", help="key file (default ./SELECTOR.DOMAIN.pem; never replaced)")
+    keygen.set_defaults(func=cmd_dkim_keygen)
     from relay.admin.cli import add_parsers
 
     add_parsers(sub)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from relay.config.model import Account, Config, Listener
+from relay.dkim import Signer, SigningError
 from relay.errors import SpoolError
 from relay.listener.fastdir import dispatch_names
 from relay.listener.headers import detect, field_names, header_block, trace_headers
@@ -34,6 +35,10 @@ class ListenerEvents(Protocol):
 
     def auth_failed(self) -> None:
         """One AUTH refused (wrong credentials or locked out): relay_auth_failures_total."""
+
+    def dkim_signed(self, domain: str, result: str) -> None:
+        """A message for a signing domain signed, or refused because it could not be
+        (result "signed" or "failed"): relay_dkim_signatures_total."""
 
 
 class Session(Protocol):
@@ -68,8 +73,11 @@ class SubmissionHandler:
         spool: Spool,
         events: ListenerEvents,
     ) -> None:
-        self.config = config  # both replaced on reload
+        self.config = config  # these three replaced on reload
         self.listener = listener
+        # Keys are read here, at config load, not per message; the listener process
+        # hands every handler a new Signer with each reloaded config.
+        self.signer = Signer.load(config.dkim)
         self.policy = policy
         self.gate = gate
         self.spool = spool
@@ -133,6 +141,10 @@ class SubmissionHandler:
             )
             + content
         )
+        signed = await self._sign(account, message_id, stamped)
+        if signed is None:
+            return "451 4.3.0 Message could not be signed, try again later"
+        stamped = signed
         envelope = Envelope(
             id=message_id,
             sender=transaction.sender,
@@ -163,3 +175,24 @@ class SubmissionHandler:
         )
         self.events.accepted(envelope, offset)
         return f"250 2.0.0 Ok: queued as {message_id}"
+
+    async def _sign(self, account: Account | None, message_id: str, message: bytes) -> bytes | None:
+        """The message as it will be stored: signed once here, after every header relay
+        adds and every line break, so each recipient and retry sends these same bytes.
+        None: it could not be signed and must not be accepted (unsigned mail from a
+        domain that publishes DMARC would be junked or refused downstream)."""
+        if account is not None and not account.dkim:
+            return message
+        try:
+            signature = await self.signer.sign(message)
+        except SigningError as exc:
+            self.events.dkim_signed(exc.domain, "failed")
+            self.note_rejected("dkim")
+            log.error(
+                "id=%s not accepted: DKIM signing for %s failed: %s", message_id, exc.domain, exc
+            )
+            return None
+        if signature is None:
+            return message
+        self.events.dkim_signed(signature.domain, "signed")
+        return signature.header + message

@@ -127,6 +127,8 @@ class ListenerProcess:
             self._events.rejected(message[1])  # type: ignore[arg-type]
         elif kind == "auth_failed":
             self._events.auth_failed()
+        elif kind == "dkim_signed":
+            self._events.dkim_signed(message[1], message[2])  # type: ignore[arg-type]
         elif kind == "ready":
             self._ready.set()
 

@@ -4,7 +4,8 @@ The main process binds the sockets, starts this process (`python -m
 relay.listener.worker FD`, FD its end of a socketpair) and sends ("start", config,
 {listener name: [socket fds]}). From then on this process reports each durable message
 ("accepted", envelope, body offset) before its client hears 250, each refusal
-("rejected", reason) and each refused AUTH ("auth_failed",); it takes ("config",
+("rejected", reason), each refused AUTH ("auth_failed",) and each message of a DKIM
+signing domain ("dkim_signed", domain, "signed" or "failed"); it takes ("config",
 config) on reload and ("drain", grace) at shutdown, after which it exits once its
 sessions are done. If the main process dies, so does this one (PR_SET_PDEATHSIG), and
 an end of file on the socketpair means the same.
@@ -23,6 +24,7 @@ from typing import Any
 
 from relay import eventloop, logs
 from relay.config.model import Config
+from relay.dkim import Signer
 from relay.dns.resolver import Resolver
 from relay.errors import RelayError
 from relay.listener import ipc
@@ -50,6 +52,9 @@ class _Reporter:
 
     def auth_failed(self) -> None:
         self._writer.write(ipc.frame("auth_failed"))
+
+    def dkim_signed(self, domain: str, result: str) -> None:
+        self._writer.write(ipc.frame("dkim_signed", domain, result))
 
 
 def _die_with_parent(parent: int) -> None:
@@ -102,6 +107,18 @@ async def _command(listeners: Listeners, message: tuple[Any, ...]) -> None:
             log.error("listener TLS not reloaded: %s", exc)
             context = listeners.tls_context
         listeners.reconfigure(config, context, resolver)
+        # Keys are read again at each reload, so a key replaced in place is picked up.
+        # One that cannot be read leaves its domain's mail answered 451 until it is
+        # fixed: sent unsigned, it would fail DMARC where the domain publishes it.
+        signer = Signer.load(config.dkim)
+        for problem in signer.keys.problems:
+            log.error("DKIM key not loaded: %s; its domain's mail is refused with 451", problem)
+        for handler in listeners.handlers:
+            handler.signer = signer
+        log.info(
+            "listener reconfigured; DKIM keys: %s",
+            ", ".join(f"{k.domain} {k.selector} {k.algorithm}" for k in signer.keys.keys) or "none",
+        )
     elif message[0] == "drain":
         listeners.drain()
         try:
