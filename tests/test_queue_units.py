@@ -5,6 +5,7 @@ directory); routing uses smarthost routes, so no DNS is involved."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -278,3 +279,31 @@ def test_hold_and_release(tmp_path: Path) -> None:
         _states_add_up(manager)
 
     run(test, tmp_path)
+
+
+def test_a_suspension_lasts_its_time_and_is_saved(tmp_path: Path) -> None:
+    from relay.delivery.pause import Pause
+    from relay.shaping.suspensions import Suspensions
+
+    async def main() -> None:
+        clock = FakeClock()
+        clock.now = time.time()  # the saved file is read back against the wall clock
+        store = Suspensions(str(tmp_path))
+        ended: list[bool] = []
+        pause = Pause("orange", "orange", store, clock, lambda: ended.append(True))
+        assert pause.start(60, "421 come back later")
+        assert pause.active and pause.reason == "421 come back later"
+        assert not pause.start(30, "shorter")  # a shorter one does not cut it down
+        clock.now += 61
+        assert not pause.active
+        pause.end()
+        await store.flush()
+        assert pause.reason is None and Suspensions(str(tmp_path)).load() == {}
+        pause.start(3600, "admin")
+        await store.flush()
+        [saved] = Suspensions(str(tmp_path)).load().values()
+        assert saved.until == clock.now + 3600 and saved.reason == "admin"
+        pause.cancel()
+        assert ended == []  # the timer never fired: the fake clock does not move the loop
+
+    asyncio.run(main())
