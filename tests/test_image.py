@@ -311,6 +311,7 @@ def image(base_image: str) -> Image:
         "build",
         "--network",
         "host",  # pip in the build reaches the index through the host's network
+        "--force-rm",  # a failed step leaves no container behind
         "--label",
         BUILD_LABEL,
         *(arg for proxy in proxies for arg in ("--build-arg", proxy)),
