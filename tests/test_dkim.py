@@ -130,6 +130,24 @@ def test_delivered_mail_verifies_and_a_changed_body_does_not(
     assert metrics[(("domain", "example.org"), ("result", "signed"))] == 1
 
 
+def test_a_large_message_signed_off_the_event_loop_verifies(
+    relay_factory, dns_server, mx_farm, tmp_path
+):
+    route(dns_server, "example.test", "127.0.0.2")
+    mx = mx_farm.server("127.0.0.2")
+    key = make_key(tmp_path, dns_server, "example.org", "big")
+    relay = relay_factory(**dkim_config(("example.org", "big", key)))
+    line = "0123456789" * 7 + "  \r\n"  # trailing blanks: relaxed body canonicalisation at work
+    body = line * (3 * 1024 * 1024 // len(line))  # past SIGN_INLINE (1 MiB): a worker thread
+    relay.send("app@example.org", ["bob@example.test"], make_message("Big", body))
+    [received] = mx.wait_messages(1)
+    assert len(received.data) > 3_000_000
+    assert verifies(received.data, dns_server, 0)
+    assert not verifies(
+        received.data[:-200] + received.data[-200:].replace(b"9", b"8"), dns_server, 0
+    )
+
+
 def test_the_from_domain_picks_the_key_and_a_subdomain_uses_its_parents(
     relay_factory, dns_server, mx_farm, tmp_path
 ):
