@@ -26,6 +26,7 @@ from relay.config.model import Config
 from relay.delivery.connector import Connector
 from relay.delivery.context import LaneContext
 from relay.delivery.dispatcher import Dispatcher
+from relay.dkim import load_keys
 from relay.dns.resolver import Resolver
 from relay.errors import ConfigError, RelayError
 from relay.listener.supervisor import ListenerProcess
@@ -82,6 +83,9 @@ class Relay:
         )
         for name in [p.name for p in config.providers] + ["default"]:
             self.metrics.connections.labels(name)  # a series from the start, at 0
+        for domain in {key.domain for key in config.dkim.keys}:
+            for result in ("signed", "failed"):
+                self.metrics.dkim_signatures.labels(domain, result)
 
     async def _load(self, message: QueuedMessage) -> bytes:
         return await self.spool.load_message(message.id, message.body_offset, message.envelope.size)
@@ -200,6 +204,11 @@ class Relay:
         exposed = example_password_exposed(config)
         if exposed is not None:
             return self._reload_failed([exposed])
+        # A broken DKIM key refuses the reload here, where the old keys can stay, rather
+        # than in the listener process, where every message for that domain would get 451.
+        keys = await asyncio.to_thread(load_keys, config.dkim)
+        if keys.problems:
+            return self._reload_failed(list(keys.problems))
         if config.spool_path != self.config.spool_path:
             log.warning("spool.path changed: it takes effect at the next restart")
         self.config = config

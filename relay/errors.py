@@ -7,6 +7,7 @@
     ├── DnsError
     │   ├── DnsTemporaryError       SERVFAIL, timeout: try later
     │   └── DnsPermanentError       NXDOMAIN, null MX: bounce
+    ├── SigningError                a message could not be DKIM-signed: 451, try later
     └── DeliveryError               carries the remote Reply when there is one
         ├── TransientDeliveryError  4xx, lost connection, timeout
         │   └── DestinationUnreachable   no MX host of the destination answered
@@ -50,6 +51,14 @@ class DnsError(RelayError):
     def __init__(self, reply: Reply) -> None:
         self.reply = reply
         super().__init__(str(reply))
+
+
+class SigningError(RelayError):
+    """A message for `domain` could not be signed; the client is told to try later."""
+
+    def __init__(self, domain: str, reason: str) -> None:
+        self.domain = domain
+        super().__init__(reason)
 
 
 class DnsTemporaryError(DnsError):

@@ -29,7 +29,7 @@ _STATE = {
     Where.ACTIVE: "active",
     Where.HELD: "held",
 }
-REJECT_REASONS = ("auth", "sender", "rate", "size", "recipients", "storage", "syntax")
+REJECT_REASONS = ("auth", "sender", "rate", "size", "recipients", "storage", "syntax", "dkim")
 
 
 class LaneView(Protocol):

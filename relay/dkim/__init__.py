@@ -11,6 +11,7 @@ same signed bytes, and the delivery side never touches a key.
 """
 
 from relay.dkim.keys import KeySet, SigningKey, load_keys
-from relay.dkim.signer import Signature, Signer, SigningError
+from relay.dkim.signer import Signature, Signer
+from relay.errors import SigningError
 
 __all__ = ["KeySet", "Signature", "Signer", "SigningError", "SigningKey", "load_keys"]

@@ -20,7 +20,7 @@ import dkim
 from relay.config.model import Dkim
 from relay.dkim.keys import SIGNATURE_ALGORITHMS, KeySet, SigningKey, load_keys
 from relay.domains import InvalidDomain, normalize_domain
-from relay.errors import RelayError
+from relay.errors import SigningError
 
 # RFC 6376 §5.4.1, the fields a signature should cover, in the RFC's order.
 SIGNED_FIELDS = frozenset(
@@ -59,14 +59,6 @@ SIGN_INLINE = 1024 * 1024
 # How far the From: field is looked for (as the listener's header scan).
 HEADER_SCAN = 1024 * 1024
 _FROM = re.compile(rb"^from[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.IGNORECASE | re.MULTILINE)
-
-
-class SigningError(RelayError):
-    """A message for `domain` could not be signed; the client is told to try later."""
-
-    def __init__(self, domain: str, reason: str) -> None:
-        self.domain = domain
-        super().__init__(reason)
 
 
 @dataclass(frozen=True, slots=True)
