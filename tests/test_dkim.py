@@ -272,6 +272,27 @@ def test_keys_reload_with_the_config(relay_factory, dns_server, mx_farm, tmp_pat
     assert verifies(second.data, dns_server, 0)
 
 
+def test_a_reload_with_an_unusable_key_is_refused_and_the_old_key_signs(
+    relay_factory, dns_server, mx_farm, tmp_path
+):
+    route(dns_server, "example.test", "127.0.0.2")
+    mx = mx_farm.server("127.0.0.2")
+    relay = relay_factory(
+        **dkim_config(("example.org", "old", make_key(tmp_path, dns_server, "example.org", "old")))
+    )
+    broken = tmp_path / "broken.pem"
+    _garbage(broken)
+    relay.config["dkim"]["keys"] = [{"domain": "example.org", "selector": "x", "key": str(broken)}]
+    relay.config_path.write_text(yaml.safe_dump(relay.config))
+    status, answer = relay.api("POST", "/api/reload", {})
+    assert status == 422
+    assert any("dkim.keys[0].key" in e for e in answer["errors"])
+    relay.send("app@example.org", ["bob@example.test"], make_message("after"))
+    [received] = mx.wait_messages(1)
+    assert [t[b"s"] for t in signatures(received.data)] == [b"old"]
+    assert verifies(received.data, dns_server, 0)
+
+
 def run_relay(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "relay", *args],
