@@ -31,6 +31,7 @@ from relay.dns.resolver import Resolver
 from relay.errors import ConfigError, RelayError
 from relay.listener.supervisor import ListenerProcess
 from relay.metrics import Metrics, StateCollector
+from relay.notify import Notifier
 from relay.queue.manager import QueueManager
 from relay.queue.models import QueuedMessage
 from relay.routing.router import Router
@@ -46,9 +47,12 @@ DEFAULT_GRACE = 30.0
 
 
 class Relay:
-    def __init__(self, config: Config, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, config: Config, clock: Clock = SYSTEM_CLOCK, notifier: Notifier | None = None
+    ) -> None:
         self.config = config
         self._clock = clock
+        self.notifier = notifier or Notifier(None)  # systemd's, from the CLI; None: silent
         self.metrics = Metrics()
         self.spool = Spool(config.spool_path)
         self.resolver = Resolver(config.dns)
@@ -193,6 +197,15 @@ class Relay:
 
     async def reload(self) -> list[str]:
         """Re-read the YAML. Invalid: keep running as before and say why."""
+        self.notifier.reloading()
+        problems: list[str] = ["reload did not finish"]
+        try:
+            problems = await self._reload()
+            return problems
+        finally:
+            self.notifier.ready("serving" if not problems else "serving; the last reload failed")
+
+    async def _reload(self) -> list[str]:
         path = self.config.source
         try:
             config = await asyncio.to_thread(load_config, path)
@@ -263,6 +276,9 @@ class Relay:
             log.warning("second signal: stopping now; acknowledged mail is on disk")
         finished.cancel()
         hurry.cancel()
+        # Retrieve what they ended with: an exception of a cancelled gather must not be
+        # reported later as "never retrieved".
+        await asyncio.gather(finished, hurry, return_exceptions=True)
         if self.listeners is not None:
             await self.listeners.close()
         for task in list(self._tasks):
@@ -281,7 +297,9 @@ class Relay:
         spawn(self.dispatcher.run(self.queue.opened), background, "dispatcher")
         try:
             await self.start()
+            self.notifier.ready()
             await stop.wait()
+            self.notifier.stopping()
             await self.stop(grace, urgent or asyncio.Event())
         finally:
             for task in list(background):

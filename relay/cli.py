@@ -54,6 +54,7 @@ def _raise_file_limit() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay.app import Relay
+    from relay.notify import Notifier
 
     config = _load(_config_path(args))
     exposed = example_password_exposed(config)
@@ -64,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _raise_file_limit()  # the listener process inherits it
 
     async def main() -> None:
-        relay = Relay(config)
+        relay = Relay(config, notifier=Notifier.from_environ())
         stop, urgent = asyncio.Event(), asyncio.Event()
         reloads: set[asyncio.Task[list[str]]] = set()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -185,3 +186,21 @@ def test_a_failed_send_is_logged_once_and_never_raises(
     warnings = [r for r in caplog.records if "cannot notify systemd" in r.getMessage()]
     assert len(warnings) == 1
     assert not Notifier("vsock:2:1234").ready()
+
+
+def test_relay_serve_tells_systemd_ready_reloading_stopping(
+    relay_factory, listener: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock, address = listener
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    relay = relay_factory(start=False)
+    relay.start()
+    assert sock.recv(4096).split(b"\n")[0] == b"READY=1"
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as smtp:
+        assert smtp.recv(64).startswith(b"220")
+    relay.proc.send_signal(signal.SIGHUP)
+    assert sock.recv(4096).split(b"\n")[0] == b"RELOADING=1"
+    assert sock.recv(4096) == b"READY=1\nSTATUS=serving"
+    relay.proc.send_signal(signal.SIGTERM)
+    assert sock.recv(4096).split(b"\n")[0] == b"STOPPING=1"
+    assert relay.proc.wait(timeout=30) == 0

@@ -162,21 +162,42 @@ class Policy:
                 f"({account.rate}); try again later",
                 "rate",
             )
-        return await self._sender_domain(sender)
+        return await self._sender_domain(client, sender)
 
-    async def _sender_domain(self, sender: str) -> Refusal | None:
+    async def _sender_domain(self, client: Client, sender: str) -> Refusal | None:
         """A return path must be routable, or bounces have nowhere to go (Postfix's
-        reject_unknown_sender_domain)."""
+        reject_unknown_sender_domain). The refusal a new user meets first: it says what
+        to do, in the reply and in the log."""
         domain = sender.rpartition("@")[2].lower()
         try:
             routable = await self.resolver.routable(domain)
         except DnsTemporaryError:
+            log.warning(
+                "sender <%s> deferred from %s: DNS did not answer for %s; relay checks that "
+                "a sender's domain receives mail: fix the resolver or dns.nameservers, or try "
+                "relay offline from an address literal such as app@[127.0.0.1]",
+                sender,
+                client.peer_ip,
+                domain,
+            )
             return Refusal(
-                f"451 4.1.8 <{sender}>: Sender address rejected: cannot look up {domain}"
+                f"451 4.1.8 <{sender}>: Sender address rejected: cannot look up {domain} "
+                "(DNS did not answer); try again later",
+                "sender",
             )
         if not routable:
+            log.warning(
+                "sender <%s> refused from %s: %s has no MX or address record, so bounces "
+                "could not reach it; use a sender in a domain that receives mail (without "
+                "DNS, an address literal such as app@[127.0.0.1] works)",
+                sender,
+                client.peer_ip,
+                domain,
+            )
             return Refusal(
-                f"550 5.1.8 <{sender}>: Sender address rejected: {domain} accepts no mail",
+                f"550 5.1.8 <{sender}>: Sender address rejected: {domain} has no MX or "
+                "address record, so bounces could not reach it; send from an address in a "
+                "domain that receives mail",
                 "sender",
             )
         return None
