@@ -58,6 +58,7 @@ class MxServer:
         self.rcpt_hook: Callable[[str], str | None] = lambda address: None
         self.data_hook: Callable[[Received], str | None] = lambda message: None
         self.greeting: str | None = None  # e.g. "421 4.3.2 busy": refuse at connect
+        self.smtputf8 = True  # False: SMTPUTF8 is not offered (RFC 6531)
         self._stalled = 0
         self._server: asyncio.Server | None = None
 
@@ -204,7 +205,7 @@ class _Protocol(SMTP):
         super().__init__(
             _Handler(server, self.conn),
             hostname=f"mx-{server.host}",
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=server.smtputf8,
             tls_context=server.tls_context,
         )
 
