@@ -1,7 +1,9 @@
 """A small authoritative DNS server on a loopback UDP port, built on dnspython's wire format.
 
 Real DNS over the wire for the relay under test: it answers what the test put in its
-zone, NXDOMAIN for names it does not know, SERVFAIL for names marked so.
+zone, NXDOMAIN for names it does not know, SERVFAIL for names marked so. For names marked
+`secure` it plays a validating resolver: its answers (and denials) carry the AD bit when
+the query asked for it with AD or DO (RFC 6840 §5.7), as DANE needs (RFC 7672).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class DnsServer:
         self._records: dict[tuple[str, str], tuple[int, list[str]]] = {}
         self._names: set[str] = set()  # names with any record: NODATA, not NXDOMAIN
         self._servfail: set[str] = set()
+        self._secure: set[str] = set()  # names whose answers are "validated" (AD)
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         # Room for a burst of queries (a fan-out to many domains) while one thread answers.
@@ -50,6 +53,11 @@ class DnsServer:
     def servfail(self, name: str) -> None:
         with self._lock:
             self._servfail.add(self._key(name))
+
+    def secure(self, *names: str) -> None:
+        """Answers for these names say they were validated (the AD bit)."""
+        with self._lock:
+            self._secure.update(self._key(name) for name in names)
 
     def start(self) -> DnsServer:
         self._thread.start()
@@ -87,6 +95,9 @@ class DnsServer:
                 return response
             found = self._records.get((name, rdtype))
             known = name in self._names
+            asked = bool(query.flags & dns.flags.AD) or bool(query.ednsflags & dns.flags.DO)
+            if name in self._secure and asked:
+                response.flags |= dns.flags.AD
         if found:
             ttl, values = found
             response.answer.append(

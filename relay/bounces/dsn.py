@@ -25,7 +25,7 @@ class Failure:
     recipient: EnvelopeRecipient
     reply: Reply
     remote_mta: str | None  # host name when the reply came from a remote server
-    action: str = "failed"  # failed | delayed
+    action: str = "failed"  # failed | delayed | relayed (RFC 3464 §2.3.3)
 
 
 def _date(timestamp: float) -> str:
@@ -68,8 +68,13 @@ def build_dsn(
 ) -> bytes:
     boundary = f"{envelope.id}.{secrets.token_hex(8)}/{hostname}"
     delayed = all(f.action == "delayed" for f in failures)
+    relayed = all(f.action == "relayed" for f in failures)
     subject = (
-        "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
+        "Delayed Mail (still being retried)"
+        if delayed
+        else "Successful Mail Delivery Report"
+        if relayed
+        else "Undelivered Mail Returned to Sender"
     )
     human = [
         f"This is the mail system at host {hostname}.",
@@ -78,6 +83,9 @@ def build_dsn(
             "Your message could not be delivered yet to the recipients below. It is still "
             "queued and will be retried; you need not send it again."
             if delayed
+            else "Your message was relayed to the recipients' next mail system below, which "
+            "does not report deliveries: you will get no further notice of success from it."
+            if relayed
             else "I'm sorry to have to inform you that your message could not be delivered to "
             "one or more recipients. It's attached below."
         ),
@@ -109,7 +117,10 @@ def build_dsn(
         fields.append(f"Last-Attempt-Date: {_date(now)}")
         blocks.append("\r\n".join(fields))
 
-    full = envelope.ret == "FULL" or (envelope.ret is None and len(original) <= FULL_RETURN_LIMIT)
+    # RFC 3461 §4.3: RET is about "failed" DSNs; a success notice carries the headers.
+    full = not relayed and (
+        envelope.ret == "FULL" or (envelope.ret is None and len(original) <= FULL_RETURN_LIMIT)
+    )
     if full:
         returned_type, returned = "message/rfc822", original
     else:
@@ -146,7 +157,13 @@ def build_dsn(
             "",
             f"--{boundary}",
             "Content-Description: "
-            + ("Undelivered Message" if full else "Undelivered Message Headers"),
+            + (
+                "Message Headers"
+                if relayed
+                else "Undelivered Message"
+                if full
+                else "Undelivered Message Headers"
+            ),
             f"Content-Type: {returned_type}",
             "",
             "",

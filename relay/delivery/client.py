@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from relay.config.model import Delivery
+from relay.delivery.tls_policy import Decision, PolicyName, TlsFacts
 from relay.errors import (
     TransientDeliveryError,
 )
@@ -68,11 +69,21 @@ class Connection:
     timeouts: Delivery
     closed: asyncio.Future[None]  # resolved when the socket is gone (connection_lost)
     transactions: int = field(default=0)
+    tls: TlsFacts = field(default_factory=TlsFacts)  # what its handshake established
+    policy: PolicyName = "opportunistic"  # the strongest TLS policy it has met so far
+    tls_failed: bool = False  # an MTA-STS policy in testing mode would have refused it
+    decisions: dict[str, Decision] = field(default_factory=dict)  # by recipient domain
+    released: bool = False  # closed, and its slot and counts given back (lane.py)
 
     @property
     def description(self) -> str:
         """ "mx1.example.org[192.0.2.1]:25", as Postfix logs relay=."""
         return f"{self.host}[{self.address}]:{self.port}"
+
+    @property
+    def dsn(self) -> bool:
+        """The next hop takes NOTIFY/ORCPT/RET/ENVID on (RFC 3461)."""
+        return self.smtp.supports_extension("dsn")
 
     @property
     def usable(self) -> bool:

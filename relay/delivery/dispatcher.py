@@ -52,3 +52,4 @@ class Dispatcher:
     async def stop(self) -> None:
         await asyncio.gather(*(lane.stop() for lane in list(self.lanes.values())))
         await self.context.suspensions.flush()
+        await self.context.connector.policy.sts.flush()  # MTA-STS policies learnt lately

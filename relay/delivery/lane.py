@@ -10,6 +10,12 @@ connection still waiting for its greeting holds no mail that another open connec
 could carry now. It carries up to `max_messages_per_connection` transactions, for any
 domain that host serves, waits `idle_connection_timeout` for more, then QUITs.
 
+Before each transaction the batch's TLS requirement (DANE, its domain's MTA-STS policy,
+the provider's `tls`: tls_policy.py) is judged against the session at hand. A session
+that does not meet it carries nothing for that domain: the worker closes it and opens
+one for the domain itself, to the hosts that can meet it; when none can, the batch is
+deferred with `4.7.5`, and so are that domain's next batches for `retry.initial`.
+
 A lane pauses as a whole only when a rule or an admin suspends its provider (pause.py);
 an unreachable site backs off alone (the queue manager keeps that). After a suspension
 the lane reopens with one connection and widens on success (slow start).
@@ -25,10 +31,13 @@ from typing import Any
 from relay.config.model import Config, Rule
 from relay.delivery.classify import classify
 from relay.delivery.client import Connection
+from relay.delivery.connector import tls_refusal
 from relay.delivery.context import LaneContext
 from relay.delivery.pause import Pause
+from relay.delivery.tls_policy import Decision, PolicyName
 from relay.delivery.transaction import transact
 from relay.errors import (
+    DeliveryError,
     DestinationUnreachable,
     DnsPermanentError,
     DnsTemporaryError,
@@ -37,7 +46,7 @@ from relay.errors import (
     TransientDeliveryError,
 )
 from relay.queue.models import Batch
-from relay.queue.outcomes import Attempt
+from relay.queue.outcomes import Attempt, Hop
 from relay.queue.ready import ReadyQueue
 from relay.reply import Reply, Verdict
 from relay.routing.router import Queue, Site
@@ -58,6 +67,8 @@ class Lane:
         self._workers: set[asyncio.Task[Any]] = set()
         self._leaving: set[asyncio.Task[Any]] = set()  # surplus: closing, slot still held
         self._idle = 0
+        # Domains whose TLS requirement no host could meet lately: until, reply, policy.
+        self._refused: dict[str, tuple[float, Reply, PolicyName]] = {}
         self._wakeup = asyncio.Event()
         self._interrupt = asyncio.Event()  # set by pause and shutdown: rate waits end early
         self._pause = Pause(
@@ -194,7 +205,7 @@ class Lane:
                     continue
                 batch = self.ready.take(connection.site, connection.host, self._class_open)
                 if batch is not None:
-                    await self._deliver(batch, connection)
+                    connection = await self._deliver(batch, connection)
                     continue
                 if self.ready.waiting_elsewhere(connection.site, connection.host, self._class_open):
                     await self._close(connection)  # free the slot for a site with work
@@ -230,9 +241,9 @@ class Lane:
 
     # connections
 
-    async def _connect(self, site: Site) -> Connection | None:
-        """A connection to `site`, or None when it failed (and the mail waiting for that
-        site was dealt with) or the lane halted meanwhile."""
+    async def _open(self, site: Site, domain: str | None = None) -> Connection | None:
+        """A session to `site` (for `domain`'s mail only, when given), or None when the
+        lane halted meanwhile. Connector errors pass through."""
         # Sleep until the computed slot, then re-check: another worker may have taken it,
         # and check-then-take with no await in between is atomic on the event loop.
         while (wait := self.shaper.connection_delay()) > 0 and not self._halted:
@@ -240,9 +251,22 @@ class Lane:
         if self._halted:
             return None
         self.shaper.take_connection()
+        connection = await self._ctx.connector.open(
+            site, self.shaping, self._rules, domain, self._tally
+        )
+        self._ctx.queue.site_reached(site)
+        self._ctx.metrics.connections.labels(self.queue.provider).inc()
+        return connection
+
+    def _tally(self, policy: PolicyName, result: str) -> None:
+        self._ctx.metrics.tls_policy.labels(self.queue.provider, policy, result).inc()
+
+    async def _connect(self, site: Site) -> Connection | None:
+        """A connection to `site`, or None when it failed (and the mail waiting for that
+        site was dealt with) or the lane halted meanwhile."""
         queue = self._ctx.queue
         try:
-            connection = await self._ctx.connector.open(site, self.shaping, self._rules)
+            return await self._open(site)
         except DnsPermanentError as exc:
             await queue.settle_all(self.ready.take_site(site), exc.reply, Verdict.BOUNCED)
             return None
@@ -259,13 +283,16 @@ class Lane:
             elif not self.paused:
                 await queue.site_unreachable(self.ready, site, exc.reply)
             return None
-        queue.site_reached(site)
-        self._ctx.metrics.connections.labels(self.queue.provider).inc()
-        return connection
 
     async def _close(self, connection: Connection) -> None:
+        if connection.released:
+            return
+        connection.released = True
         await connection.close()
         self._ctx.metrics.connections.labels(self.queue.provider).dec()
+        # One count per session, under the strongest policy it met (SPEC §8).
+        result = "tls" if connection.tls.version else "plaintext"
+        self._tally(connection.policy, "failed" if connection.tls_failed else result)
 
     def _count_replies(self, replies: list[Reply]) -> None:
         counter = self._ctx.metrics.replies
@@ -275,13 +302,15 @@ class Lane:
 
     # transactions
 
-    async def _deliver(self, batch: Batch, connection: Connection) -> None:
+    async def _deliver(self, batch: Batch, connection: Connection) -> Connection | None:
+        """Carry one batch; the session to go on with (another one when this one did
+        not meet the batch's TLS requirement), or None."""
         queue = self._ctx.queue
         queue.take(batch)
         self.shaper.take_message(batch.class_name)
         if not self._admit_recipients(batch):
             self.shaper.refund_message(batch.class_name)
-            return
+            return connection
         try:
             message = await self._ctx.load(batch.message)
         except SpoolError as exc:
@@ -289,8 +318,24 @@ class Lane:
             reply = Reply.local(451, "4.3.0", "spool read error")
             attempts = [Attempt(r, reply, Verdict.DEFERRED) for r in batch.recipients]
             await queue.settle(batch, attempts, None)
-            return
-        result = await transact(connection, batch, message, self._rules)
+            return connection
+        connector = self._ctx.connector
+        decision = await connector.check(batch.domain, connection, self.shaping)
+        if decision.problem is not None:
+            refused = self._refused.get(batch.domain)
+            if refused is not None and refused[0] > self._ctx.clock.monotonic():
+                await self._defer(batch, refused[1], refused[2])
+                return connection
+            found = await self._reopen(batch, connection, decision)
+            if found is None:
+                return None
+            connection = found
+            decision = await connector.check(batch.domain, connection, self.shaping)
+            if decision.problem is not None:  # the policy changed meanwhile
+                await self._defer(batch, tls_refusal(decision.problem), decision.policy)
+                return connection
+        hop = Hop(decision.policy, connection.tls.version, connection.dsn)
+        result = await transact(connection, batch, message, self._rules, hop)
         self._count_replies(result.replies)
         await queue.settle(batch, result.attempts, connection.description)
         for rule, reply in result.fired:
@@ -298,6 +343,52 @@ class Lane:
         delivered = any(a.verdict is Verdict.DELIVERED for a in result.attempts)
         if delivered and self.shaper.succeeded():
             self._kick()
+        return connection
+
+    async def _reopen(
+        self, batch: Batch, connection: Connection, decision: Decision
+    ) -> Connection | None:
+        """A session for the batch's domain alone, in place of one that cannot carry it
+        (one slot, one session: the old one is closed first). None when there is none:
+        the batch has been dealt with."""
+        log.info(
+            "id=%s %s: %s; looking for a session that meets it",
+            batch.message.id,
+            batch.domain,
+            decision.problem,
+        )
+        await self._close(connection)
+        try:
+            found = await self._open(batch.destination.site, batch.domain)
+        except (DnsPermanentError, DnsTemporaryError, DeliveryError) as exc:
+            reply = exc.reply
+            if reply.status == "4.7.5":
+                now = self._ctx.clock.monotonic()
+                self._refused = {d: r for d, r in self._refused.items() if r[0] > now}
+                self._refused[batch.domain] = (
+                    now + self._config.retry.initial,
+                    reply,
+                    decision.policy,
+                )
+            verdict = classify(reply, self._rules)
+            self._count_replies([reply])
+            self._apply(verdict.rule, reply)
+            self.shaper.refund_message(batch.class_name)  # nothing was sent
+            hop = Hop(decision.policy, None)
+            attempts = [Attempt(r, reply, verdict.verdict, hop) for r in batch.recipients]
+            await self._ctx.queue.settle(batch, attempts, None)
+            return None
+        if found is None:  # halted: the batch waits, no attempt made
+            self.shaper.refund_message(batch.class_name)
+            self._ctx.queue.requeue(batch.message, batch.recipients)
+        return found
+
+    async def _defer(self, batch: Batch, reply: Reply, policy: PolicyName) -> None:
+        """The batch's TLS requirement cannot be met: deferred, nothing sent."""
+        self.shaper.refund_message(batch.class_name)
+        hop = Hop(policy, None)
+        attempts = [Attempt(r, reply, Verdict.DEFERRED, hop) for r in batch.recipients]
+        await self._ctx.queue.settle(batch, attempts, None)
 
     def _admit_recipients(self, batch: Batch) -> bool:
         """Hold back recipients whose mailbox rate is spent: they wait, never dropped."""

@@ -11,7 +11,7 @@ from relay.delivery.classify import classify
 from relay.delivery.client import Connection
 from relay.errors import TransientDeliveryError
 from relay.queue.models import Batch
-from relay.queue.outcomes import Attempt
+from relay.queue.outcomes import Attempt, Hop
 from relay.reply import Reply
 
 
@@ -23,7 +23,7 @@ class Result:
 
 
 async def transact(
-    connection: Connection, batch: Batch, message: bytes, rules: tuple[Rule, ...]
+    connection: Connection, batch: Batch, message: bytes, rules: tuple[Rule, ...], hop: Hop
 ) -> Result:
     fallback: Reply | None = None
     try:
@@ -40,7 +40,7 @@ async def transact(
             or Reply.local(451, "4.4.2", f"{connection.description} closed the session before RCPT")
         )
         verdict = classify(reply, rules)
-        result.attempts.append(Attempt(recipient, reply, verdict.verdict))
+        result.attempts.append(Attempt(recipient, reply, verdict.verdict, hop))
         if verdict.rule is not None:
             fired.setdefault(id(verdict.rule), (verdict.rule, reply))
     result.fired = list(fired.values())

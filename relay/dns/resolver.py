@@ -1,7 +1,12 @@
-"""MX and address lookups with dnspython's async resolver, cached per TTL.
+"""MX, address, TLSA and TXT lookups with dnspython's async resolver, cached per TTL.
 
 dnspython errors stop here and leave as DnsTemporaryError / DnsPermanentError, each
 carrying the Reply a log line or DSN should show (RFC 5321 §5.1, RFC 7505).
+
+DNSSEC: relay does not validate signatures itself. With `dns.dnssec: true` it asks the
+configured resolver, which must be a local validating one, to say whether an answer was
+validated (the AD bit, RFC 6840 §5.7), and trusts that bit; without it, no answer counts
+as validated and DANE never applies (RFC 7672 §2.1).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
+import dns.message
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
@@ -28,6 +35,22 @@ class MxHost:
 
     name: str
     preference: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tlsa:
+    """One TLSA record (RFC 6698 §2.1): how to match the server's certificate."""
+
+    usage: int  # 2: DANE-TA, 3: DANE-EE (the only ones usable for SMTP, RFC 7672 §3.1)
+    selector: int  # 0: the whole certificate, 1: its SubjectPublicKeyInfo
+    mtype: int  # 0: exact, 1: SHA-256, 2: SHA-512
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Lookup:
+    answer: dns.resolver.Answer | None  # None: the name exists without such records
+    secure: bool  # the resolver validated it (AD), and dns.dnssec says to trust that
 
 
 # Queries in flight at once. A fan-out to a thousand new domains would otherwise send
@@ -55,21 +78,37 @@ class Resolver:
         self._resolver.lifetime = config.timeout
         self._resolver.timeout = config.timeout / TRIES
         self._resolver.cache = dns.resolver.Cache()
+        if config.dnssec:
+            # RFC 6840 §5.7: a query with AD set asks a validating resolver to say, with
+            # AD in its answer, that the data was validated. EDNS0 with room for answers
+            # that carry signatures (RFC 6891, the 1232-octet DNS flag day size).
+            self._resolver.flags = dns.flags.RD | dns.flags.AD
+            self._resolver.use_edns(0, dns.flags.DO, 1232)
         self._in_flight = asyncio.Semaphore(MAX_QUERIES)
+
+    def _secure(self, response: dns.message.Message | None) -> bool:
+        return self.config.dnssec and response is not None and bool(response.flags & dns.flags.AD)
 
     async def _query(
         self, name: str, rdtype: dns.rdatatype.RdataType
     ) -> dns.resolver.Answer | None:
         """The answer, None when the name exists without such records; NXDOMAIN raises."""
+        return (await self._lookup(name, rdtype)).answer
+
+    async def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Lookup:
+        """`_query`, and whether the answer (or the denial of one) was validated."""
         try:
             async with self._in_flight:
-                return await self._resolver.resolve(name, rdtype, search=False)
+                answer = await self._resolver.resolve(name, rdtype, search=False)
+            return _Lookup(answer, self._secure(answer.response))
         except dns.resolver.NXDOMAIN as exc:
             raise DnsPermanentError(
                 Reply.local(550, "5.1.2", f"Host or domain name not found: {name} does not exist")
             ) from exc
-        except dns.resolver.NoAnswer:
-            return None
+        except dns.resolver.NoAnswer as exc:
+            # NODATA: a validated one proves that the records do not exist.
+            response: dns.message.Message | None = exc.kwargs.get("response")
+            return _Lookup(None, self._secure(response))
         except (
             dns.resolver.NoNameservers,
             dns.exception.Timeout,
@@ -121,6 +160,58 @@ class Resolver:
             return bool(await self.addresses(domain))
         except DnsPermanentError:
             return False
+
+    async def mx_secure(self, domain: str) -> bool:
+        """Was the domain's MX RRset, or its absence (an implicit MX), validated?
+
+        RFC 7672 §2.2.1: DANE applies to the MX hosts only when the MX answer that named
+        them is secure; an attacker who can forge the MX can name hosts of his own.
+        """
+        if _address_literal(domain):
+            return False
+        try:
+            return (await self._lookup(domain, dns.rdatatype.MX)).secure
+        except DnsPermanentError:
+            return False
+
+    async def addresses_secure(self, host: str) -> bool:
+        """Were the host's AAAA and A answers (or their absence) all validated?
+        RFC 7672 §2.2.2: the TLSA records of a host whose address is insecure are not
+        looked up."""
+        for rdtype in (dns.rdatatype.AAAA, dns.rdatatype.A):
+            try:
+                if not (await self._lookup(host, rdtype)).secure:
+                    return False
+            except DnsPermanentError:
+                return False
+        return True
+
+    async def tlsa(self, host: str, port: int) -> tuple[Tlsa, ...] | None:
+        """The validated TLSA RRset of a TCP service (RFC 6698 §3: `_port._tcp.host`).
+
+        None when there is none or it was not validated: DANE does not apply. A lookup
+        that fails (SERVFAIL, timeout) raises DnsTemporaryError: RFC 7672 §2.2 makes
+        that host unusable for now, since the failure may be an attacker hiding the
+        records.
+        """
+        try:
+            lookup = await self._lookup(f"_{port}._tcp.{host}", dns.rdatatype.TLSA)
+        except DnsPermanentError:
+            return None
+        if lookup.answer is None or not lookup.secure:
+            return None
+        return tuple(Tlsa(r.usage, r.selector, r.mtype, r.cert) for r in lookup.answer)
+
+    async def txt(self, name: str) -> list[str]:
+        """The TXT records of a name, each one's strings joined (RFC 8461 §3.1); none
+        when the name or the records do not exist. Failures raise DnsTemporaryError."""
+        try:
+            lookup = await self._lookup(name, dns.rdatatype.TXT)
+        except DnsPermanentError:
+            return []
+        if lookup.answer is None:
+            return []
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in lookup.answer]
 
     async def addresses(self, host: str) -> list[str]:
         """IPv6 and IPv4 addresses of a host (AAAA first, as Postfix with both enabled)."""

@@ -27,10 +27,21 @@ log = logging.getLogger("relay.delivery")
 
 
 @dataclass(frozen=True, slots=True)
+class Hop:
+    """The session an attempt went over (or was refused), as the log line and a
+    `relayed` DSN need it."""
+
+    policy: str  # TLS policy that applied: none, opportunistic, required, verify, mta-sts, dane
+    tls: str | None  # the TLS version ("TLSv1.3"); None: plaintext, or no session
+    dsn: bool = True  # the next hop offered the DSN extension (RFC 3461)
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     recipient: Recipient
     reply: Reply
     verdict: Verdict
+    hop: Hop | None = None  # None: no session was involved (DNS, site unreachable, admin)
 
 
 @dataclass(slots=True)
@@ -51,8 +62,23 @@ _STATUS = {
 
 def _notify(spec: EnvelopeRecipient, event: str) -> bool:
     """RFC 3461 §4.1: without NOTIFY, failures and delays are reported (as Postfix does);
-    NEVER means nothing is."""
-    return spec.notify is None or event in spec.notify.upper().split(",")
+    NEVER means nothing is. Success is reported only when asked for."""
+    if spec.notify is None:
+        return event != "SUCCESS"
+    return event in spec.notify.upper().split(",")
+
+
+def _relayed(attempt: Attempt, envelope: Envelope) -> bool:
+    """RFC 3461 §5.2.2: a recipient who asked for NOTIFY=SUCCESS (§4.1), delivered to a
+    next hop that cannot pass the request on (no DSN extension), gets a `relayed` DSN
+    from us, since no later hop will send one."""
+    hop = attempt.hop
+    return (
+        hop is not None
+        and not hop.dsn
+        and bool(envelope.sender)
+        and _notify(attempt.recipient.spec, "SUCCESS")
+    )
 
 
 class Outcomes:
@@ -79,6 +105,7 @@ class Outcomes:
         class_name = envelope.class_name
         failures: list[Failure] = []
         delays: list[Failure] = []
+        relayed: list[Failure] = []
         for attempt in attempts:
             recipient, reply = attempt.recipient, attempt.reply
             if recipient.status.is_final:
@@ -114,17 +141,21 @@ class Outcomes:
             elif status in (RecipientStatus.BOUNCED, RecipientStatus.EXPIRED):
                 if envelope.sender and _notify(recipient.spec, "FAILURE"):
                     failures.append(Failure(recipient.spec, reply, remote))
+            elif status is RecipientStatus.DELIVERED and _relayed(attempt, envelope):
+                relayed.append(Failure(recipient.spec, reply, remote, action="relayed"))
             outcome = {RecipientStatus.EXPIRED: "expired"}.get(status, verdict.value)
             self._metrics.deliveries.labels(provider, class_name, outcome).inc()
             if status.is_final:
                 self._metrics.delay.labels(provider, class_name).observe(now - envelope.received_at)
                 self._stats.move(message, [recipient], Where.NOWHERE)
+            hop = attempt.hop
             log.info(
-                "id=%s to=<%s> provider=%s relay=%s delay=%.1f attempt=%d dsn=%s status=%s (%s)",
+                "id=%s to=<%s> provider=%s relay=%s%s delay=%.1f attempt=%d dsn=%s status=%s (%s)",
                 envelope.id,
                 recipient.address,
                 provider,
                 relay or "none",
+                f" tls={hop.tls or 'none'} policy={hop.policy}" if hop is not None else "",
                 now - envelope.received_at,
                 recipient.attempts,
                 reply.status,
@@ -132,7 +163,7 @@ class Outcomes:
                 reply,
             )
 
-        for notices in (failures, delays):
+        for notices in (failures, delays, relayed):
             if not notices:
                 continue
             try:
@@ -186,7 +217,7 @@ class Outcomes:
             smtputf8=envelope.smtputf8,
         )
         offset = await self._spool.store(dsn_envelope, dsn)
-        kind = "delay" if failures[0].action == "delayed" else "non-delivery"
+        kind = {"delayed": "delay", "relayed": "success"}.get(failures[0].action, "non-delivery")
         log.info("id=%s sender %s notification: %s", envelope.id, kind, dsn_envelope.id)
         return QueuedMessage(dsn_envelope, offset)
 
