@@ -243,3 +243,18 @@ def test_the_example_password_is_the_one_relay_serve_refuses():
             }
         )
         assert (example_password_exposed(config) is not None) is exposed, address
+
+
+def test_dane_without_dnssec_names_both_keys():
+    with pytest.raises(ConfigError, match=r"providers\.x\.tls: dane needs .*dns\.dnssec: true"):
+        parse_config({"providers": {"x": {"domains": ["a.test"], "tls": "dane"}}})
+    with pytest.raises(ConfigError) as err:
+        parse_config({"delivery": {"tls": "dane"}, "providers": {"x": {"domains": ["a.test"]}}})
+    assert err.value.problems == [
+        "delivery.tls: dane needs validated DNS answers: set dns.dnssec: true (and keep "
+        "delivery.dane: true) with a local validating resolver"
+    ]
+    config = parse_config(
+        {"dns": {"dnssec": True}, "providers": {"x": {"domains": ["a.test"], "tls": "dane"}}}
+    )
+    assert config.providers[0].shaping.tls == "dane"

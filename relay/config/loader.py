@@ -362,6 +362,22 @@ def parse_config(raw: object, source: str = "") -> m.Config:
 
     dkim = _dkim(root.child("dkim"), problems)
 
+    # `tls: dane` defers every domain without validated TLSA; without DNSSEC nothing is
+    # ever validated, so the whole provider would wait forever.
+    if not dns.dnssec or not delivery.dane:
+        dane_users = [("delivery.tls", delivery.tls)] + [
+            (f"providers.{p.name}.tls", p.shaping.tls)
+            for p in providers
+            if delivery.tls != "dane"  # else they inherit it: one problem is enough
+        ]
+        for key, value in dane_users:
+            if value == "dane":
+                problems.add(
+                    key,
+                    "dane needs validated DNS answers: set dns.dnssec: true (and keep "
+                    "delivery.dane: true) with a local validating resolver",
+                )
+
     root.finish()
     if problems.items:
         raise ConfigError(problems.items)
