@@ -74,6 +74,7 @@ class Connection:
     tls_failed: bool = False  # an MTA-STS policy in testing mode would have refused it
     decisions: dict[str, Decision] = field(default_factory=dict)  # by recipient domain
     released: bool = False  # closed, and its slot and counts given back (lane.py)
+    busy: bool = False  # inside a transaction that has not finished
 
     @property
     def description(self) -> str:
@@ -98,7 +99,9 @@ class Connection:
         must never count more than `max_connections` of ours, not even for the moment
         between our close and its noticing (SPEC §5)."""
         protocol = self.smtp.protocol
-        if self.smtp.is_connected and protocol is not None:
+        # Mid-transaction (a cancelled worker at shutdown, a failed send) QUIT would be
+        # read as part of the message or wait behind it: hang up instead.
+        if self.smtp.is_connected and protocol is not None and not self.busy:
             try:
                 await protocol.execute_command(b"QUIT", timeout=QUIT_TIMEOUT)
                 # RFC 5321 §4.1.1.10: after 221 the server closes the channel; its own
@@ -128,6 +131,15 @@ class Connection:
         return Reply.parse(response.code, response.message)
 
     async def send(
+        self, envelope: Envelope, recipients: Sequence[Recipient], message: bytes
+    ) -> dict[int, Reply]:
+        """One transaction (see `_send`); `busy` stays set if it did not finish."""
+        self.busy = True
+        replies = await self._send(envelope, recipients, message)
+        self.busy = False
+        return replies
+
+    async def _send(
         self, envelope: Envelope, recipients: Sequence[Recipient], message: bytes
     ) -> dict[int, Reply]:
         """Run one transaction; the reply that decides each recipient, by recipient index.

@@ -45,7 +45,7 @@ from relay.errors import (
     SpoolError,
     TransientDeliveryError,
 )
-from relay.queue.models import Batch
+from relay.queue.models import Batch, Where
 from relay.queue.outcomes import Attempt, Hop
 from relay.queue.ready import ReadyQueue
 from relay.reply import Reply, Verdict
@@ -205,7 +205,7 @@ class Lane:
                     continue
                 batch = self.ready.take(connection.site, connection.host, self._class_open)
                 if batch is not None:
-                    connection = await self._deliver(batch, connection)
+                    connection = await self._carry(batch, connection)
                     continue
                 if self.ready.waiting_elsewhere(connection.site, connection.host, self._class_open):
                     await self._close(connection)  # free the slot for a site with work
@@ -301,6 +301,21 @@ class Lane:
                 counter.labels(self.queue.provider, str(reply.code)).inc()
 
     # transactions
+
+    async def _carry(self, batch: Batch, connection: Connection) -> Connection | None:
+        """`_deliver`, and if it fails with a bug, the batch is not left active forever:
+        what is still in hand is deferred, and the session (in an unknown state) closed."""
+        try:
+            return await self._deliver(batch, connection)
+        except Exception:
+            log.exception("queue=%s id=%s: delivery failed", self.key, batch.message.id)
+            in_hand = [r for r in batch.recipients if r.where is Where.ACTIVE]
+            if in_hand:
+                reply = Reply.local(451, "4.3.0", "internal error during delivery")
+                attempts = [Attempt(r, reply, Verdict.DEFERRED) for r in in_hand]
+                await self._ctx.queue.settle(batch, attempts, None)
+            await self._close(connection)
+            return None
 
     async def _deliver(self, batch: Batch, connection: Connection) -> Connection | None:
         """Carry one batch; the session to go on with (another one when this one did
