@@ -58,13 +58,13 @@ class Metrics:
         self.deliveries = Counter(
             "relay_deliveries",
             "Recipient outcomes of delivery attempts",
-            ["provider", "class", "outcome"],
+            ["provider", "class", "outcome", "egress"],
             registry=r,
         )
         self.replies = Counter(
             "relay_smtp_replies",
             "Replies received from destinations",
-            ["provider", "code"],
+            ["provider", "code", "egress"],
             registry=r,
         )
         self.delay = Histogram(
@@ -75,7 +75,10 @@ class Metrics:
             buckets=(0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400),
         )
         self.connections = Gauge(
-            "relay_connections_open", "Open outbound connections", ["provider"], registry=r
+            "relay_connections_open",
+            "Open outbound connections",
+            ["provider", "egress"],
+            registry=r,
         )
         self.auth_failures = Counter("relay_auth_failures", "Failed AUTH attempts", registry=r)
         self.dkim_signatures = Counter(
@@ -114,7 +117,9 @@ class StateCollector(Collector):
         classes: Callable[[], list[str]],
         spool: Callable[[], tuple[int, int, int]],
         routes: Callable[[], int],
+        egress: Callable[[], list[str]],
     ) -> None:
+        self._egress = egress
         self._stats = stats
         self._lanes = lanes
         self._providers = providers
@@ -124,14 +129,19 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         paused = set()
-        # `default` is 1 when any domain without a provider is suspended
-        suspended: dict[str, int] = {name: 0 for name in [*self._providers(), "default"]}
+        # `default` is 1 when any domain without a provider is suspended; per source, as
+        # receivers suspend a sending IP (SPEC §14)
+        suspended: dict[tuple[str, str], int] = {
+            (name, egress): 0
+            for name in [*self._providers(), "default"]
+            for egress in self._egress()
+        }
         for lane in self._lanes():
             key, provider = lane.queue.key, lane.queue.provider
             if lane.paused:
                 paused.add(key)
             if lane.suspended is not None:
-                suspended[provider] = 1
+                suspended[(provider, lane.queue.egress)] = 1
         depth: dict[tuple[str, str, str], int] = defaultdict(int)
         for provider in [*self._providers(), "default"]:
             for class_name in self._classes():
@@ -160,10 +170,12 @@ class StateCollector(Collector):
             oldest.add_metric([provider, class_name], age)
         yield oldest
         family = GaugeMetricFamily(
-            "relay_provider_suspended", "1 while a provider is suspended", labels=["provider"]
+            "relay_provider_suspended",
+            "1 while a provider is suspended",
+            labels=["provider", "egress"],
         )
-        for provider, value in sorted(suspended.items()):
-            family.add_metric([provider], value)
+        for (provider, egress), value in sorted(suspended.items()):
+            family.add_metric([provider, egress], value)
         yield family
         yield GaugeMetricFamily(
             "relay_routing_cache_entries", "Domains whose route is cached", value=self._routes()

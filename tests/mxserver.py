@@ -32,6 +32,8 @@ class Received:
     mail_options: list[str] = field(default_factory=list)
     tls: bool = False
     time: float = 0.0
+    peer: str = ""  # the client's address: which egress source it left from
+    helo: str = ""  # the name it greeted with
 
 
 class MxServer:
@@ -59,6 +61,10 @@ class MxServer:
         self.data_hook: Callable[[Received], str | None] = lambda message: None
         self.greeting: str | None = None  # e.g. "421 4.3.2 busy": refuse at connect
         self.smtputf8 = True  # False: SMTPUTF8 is not offered (RFC 6531)
+        self.refuse_peer: dict[str, str] = {}  # client address → reply to each RCPT
+        self.open_by_peer: dict[str, int] = {}
+        self.max_open_by_peer: dict[str, int] = {}  # the most open at once per client address
+        self._peers: dict[int, str] = {}
         self._stalled = 0
         self._server: asyncio.Server | None = None
 
@@ -76,8 +82,13 @@ class MxServer:
         if self._server is not None:
             self._server.close()
 
-    def _opened(self, conn: int) -> None:
+    def _opened(self, conn: int, peer: str = "") -> None:
         with self.farm.cond:
+            self._peers[conn] = peer
+            self.open_by_peer[peer] = self.open_by_peer.get(peer, 0) + 1
+            self.max_open_by_peer[peer] = max(
+                self.max_open_by_peer.get(peer, 0), self.open_by_peer[peer]
+            )
             self.connections += 1
             self.open += 1
             self.open_ids.add(conn)
@@ -91,6 +102,8 @@ class MxServer:
             if conn in self.open_ids:
                 self.open_ids.discard(conn)
                 self.open -= 1
+                peer = self._peers.pop(conn, "")
+                self.open_by_peer[peer] = self.open_by_peer.get(peer, 1) - 1
                 self.farm.cond.notify_all()
 
     def _record(self, message: Received) -> None:
@@ -166,7 +179,7 @@ class _Handler:
     async def handle_RCPT(
         self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        refusal = self.server.rcpt_hook(address)
+        refusal = self.server.rcpt_hook(address) or self.server.refuse_peer.get(session.peer[0])
         if refusal:
             return refusal
         envelope.rcpt_tos.append(address)
@@ -180,6 +193,8 @@ class _Handler:
             envelope.original_content or b"",
             list(envelope.mail_options),
             tls=session.ssl is not None,
+            peer=session.peer[0],
+            helo=session.host_name or "",
         )
         refusal = self.server.data_hook(message)
         if refusal:
@@ -212,7 +227,8 @@ class _Protocol(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # aiosmtpd calls this again after STARTTLS, on the same connection: count the first.
         if self.transport is None:
-            self.mx._opened(self.conn)
+            peer = transport.get_extra_info("peername")
+            self.mx._opened(self.conn, peer[0] if peer else "")
         if self.mx.greeting and self.transport is None:
             transport.write(self.mx.greeting.encode() + b"\r\n")
             transport.close()

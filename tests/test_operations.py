@@ -67,17 +67,41 @@ def test_every_spec_metric_is_exported(relay_factory, dns_server, mx_farm):
     assert m["relay_messages_rejected_total"][(("reason", "sender"),)] == 1
     deliveries = m["relay_deliveries_total"]
     assert (
-        deliveries[(("class", "transactional"), ("outcome", "delivered"), ("provider", "default"))]
+        deliveries[
+            (
+                ("class", "transactional"),
+                ("egress", "default"),
+                ("outcome", "delivered"),
+                ("provider", "default"),
+            )
+        ]
         == 1
     )
     assert (
-        deliveries[(("class", "transactional"), ("outcome", "bounced"), ("provider", "default"))]
+        deliveries[
+            (
+                ("class", "transactional"),
+                ("egress", "default"),
+                ("outcome", "bounced"),
+                ("provider", "default"),
+            )
+        ]
         >= 1
     )
-    assert m["relay_smtp_replies_total"][(("code", "250"), ("provider", "default"))] >= 1
-    assert m["relay_smtp_replies_total"][(("code", "550"), ("provider", "default"))] == 1
+    assert (
+        m["relay_smtp_replies_total"][
+            (("code", "250"), ("egress", "default"), ("provider", "default"))
+        ]
+        >= 1
+    )
+    assert (
+        m["relay_smtp_replies_total"][
+            (("code", "550"), ("egress", "default"), ("provider", "default"))
+        ]
+        == 1
+    )
     assert m["relay_config_reload_success"][()] == 1
-    assert m["relay_provider_suspended"] == {(("provider", "default"),): 0}
+    assert m["relay_provider_suspended"] == {(("egress", "default"), ("provider", "default")): 0}
     # /metrics needs no token; the API does
     assert api(relay, "GET", "/api/queue", token=None)[0] == 401
     assert api(relay, "GET", "/healthz", token=None)[0] == 200
@@ -109,8 +133,8 @@ def test_queue_depth_per_state_matches_the_workload(relay_factory, dns_server, m
     assert depth(relay, "stuck", "deferred") == 3
     assert depth(relay, "stuck", "held") == 2
     m = scrape(relay)
-    assert m["relay_provider_suspended"][(("provider", "stuck"),)] == 1
-    assert m["relay_provider_suspended"][(("provider", "slow"),)] == 0
+    assert m["relay_provider_suspended"][(("egress", "default"), ("provider", "stuck"))] == 1
+    assert m["relay_provider_suspended"][(("egress", "default"), ("provider", "slow"))] == 0
     # The delivered one leaves the spool only once its outcome is settled: wait for it.
     assert wait_until(lambda: scrape(relay)["relay_spool_messages"][()] == 8)
     assert (

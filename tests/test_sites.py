@@ -153,7 +153,7 @@ def test_outsiders_on_dead_mx_hosts_do_not_hold_up_the_provider(relay_factory, d
     assert sorted(r for m in messages for r in m.rcpt_tos) == ["alice@orange.fr", "bob@wanadoo.fr"]
     print(f"\nOrange's mail delivered {time.monotonic() - started:.2f}s after the outsiders'")
     suspended = scrape(relay)["relay_provider_suspended"]
-    assert suspended[(("provider", "orange"),)] == 0
+    assert suspended[(("egress", "default"), ("provider", "orange"))] == 0
     assert "status=bounced" not in relay.log()  # the outsiders wait for their retry
 
 
@@ -174,7 +174,12 @@ def test_a_full_width_domain_is_the_provider_domain(relay_factory, dns_server, m
     [message] = mx.wait_messages(1)  # one domain after normalising: one transaction
     assert sorted(message.rcpt_tos) == ["Carl@free.fr", "anne@free.fr", "bea@free.fr"]
     assert "provider=free" in attempt_line(relay, "anne@free.fr")
-    delivered = (("class", "transactional"), ("outcome", "delivered"), ("provider", "free"))
+    delivered = (
+        ("class", "transactional"),
+        ("egress", "default"),
+        ("outcome", "delivered"),
+        ("provider", "free"),
+    )
     assert wait_until(lambda: scrape(relay)["relay_deliveries_total"].get(delivered) == 3)
     assert not [name for name, _ in dns_server.queries if "xn--" in name or "\uff46" in name]
 

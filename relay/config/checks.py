@@ -7,6 +7,9 @@ address others can reach it is an open door to a relay that signs and delivers a
 
 from __future__ import annotations
 
+import errno
+import socket
+
 from relay.config.model import Config
 from relay.config.values import is_loopback
 
@@ -40,3 +43,28 @@ def example_password_exposed(config: Config) -> str | None:
         f'("change-me", published), refused while {", ".join(exposed)} is not on loopback; '
         'put a hash from "relay passwd" there'
     )
+
+
+def egress_not_local(config: Config) -> list[str]:
+    """One sentence per source address this machine does not have: binding to it would
+    fail at every connection, so it stops `check-config` and the start instead."""
+    problems = []
+    for source in config.egress.values():
+        for address in source.addresses:
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind((address, 0))
+                except OSError as exc:
+                    why = (
+                        "is not an address of this machine"
+                        if exc.errno == errno.EADDRNOTAVAIL
+                        else f"cannot be bound: {exc.strerror}"
+                    )
+                    key = (
+                        "delivery.source_address"
+                        if not config.egress_named
+                        else (f"egress.{source.name}.source_address")
+                    )
+                    problems.append(f"{key}: {address} {why}")
+    return problems

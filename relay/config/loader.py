@@ -6,6 +6,7 @@ pass. Anything that reaches the wire (hostnames, addresses) is checked for CR/LF
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -177,6 +178,15 @@ def parse_config(raw: object, source: str = "") -> m.Config:
 
     hostname = root.get("hostname", v.hostname, None) or socket.getfqdn()
 
+    egress = _egress(root.child("egress"), problems)
+
+    def egress_name(value: Any) -> str:
+        text = v.string(value)
+        if text not in egress:
+            known = ", ".join(egress) or "none: add an egress section"
+            raise ValueError(f"unknown egress source {text!r}; sources are {known}")
+        return text
+
     classes: dict[str, m.TrafficClass] = {}
     classes_node = root.child("classes")
     merged = {**DEFAULT_CLASSES, **{str(k): v for k, v in classes_node.data.items()}}
@@ -195,6 +205,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
             cnode.get("priority", v.integer(0, 1000), 1),
             cnode.get("rate", parse_rate, None),
             detect,
+            cnode.get("egress", egress_name, None),
         )
         cnode.finish()
 
@@ -285,6 +296,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
                 class_name=acnode.get("class", class_name, None),
                 rate=acnode.get("rate", v.optional(parse_rate), None),
                 dkim=acnode.get("dkim", v.boolean, True),
+                egress=acnode.get("egress", egress_name, None),
             )
         )
         acnode.finish()
@@ -341,12 +353,19 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         domains = prov.get("domains", v.string_list, ())
         mx = prov.get("mx", v.string_list, ())
         shaping = _shaping(prov, defaults, delivery.tls)
+        provider_egress = prov.get("egress", egress_name, None)
+        shared_limits = prov.get("shared_limits", v.boolean, False)
         prov.finish()
         if not domains and not mx and shaping.route is None:
             problems.add(prov.path, 'needs "domains" or "mx" to know which mail is its own')
         providers.append(
             m.Provider(
-                str(name), tuple(d.lower() for d in domains), tuple(x.lower() for x in mx), shaping
+                str(name),
+                tuple(d.lower() for d in domains),
+                tuple(x.lower() for x in mx),
+                shaping,
+                provider_egress,
+                shared_limits,
             )
         )
 
@@ -361,6 +380,35 @@ def parse_config(raw: object, source: str = "") -> m.Config:
             cluster = m.Cluster(m.Secret(redis_url))
 
     dkim = _dkim(root.child("dkim"), problems)
+
+    hnode = root.child("history")
+    history = m.HistoryConfig(retain=hnode.get("retain", parse_duration, 7 * 86400.0))
+    hnode.finish()
+    if history.retain <= 0:
+        problems.add("history.retain", "must be more than 0s (how long finished mail is kept)")
+
+    egress_named = bool(egress)
+    if egress_named:
+        default_egress = root.get("default_egress", egress_name, None)
+        if default_egress is None:
+            if len(egress) == 1:
+                default_egress = next(iter(egress))
+            elif not root.has("default_egress"):
+                problems.add(
+                    "default_egress", f"required with several sources ({', '.join(egress)})"
+                )
+                default_egress = next(iter(egress))
+    else:
+        root.get("default_egress", egress_name, None)  # named without sources: an error
+        default_egress = "default"
+        egress = {
+            "default": m.Egress(
+                "default",
+                delivery.source_address if ":" not in (delivery.source_address or "") else None,
+                delivery.source_address if ":" in (delivery.source_address or "") else None,
+                hostname,
+            )
+        }
 
     # `tls: dane` defers every domain without validated TLSA; without DNSSEC nothing is
     # ever validated, so the whole provider would wait forever.
@@ -398,6 +446,10 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         rules=rules,
         cluster=cluster,
         dkim=dkim,
+        history=history,
+        egress=egress,
+        default_egress=default_egress or "default",
+        egress_named=egress_named,
         source=source,
     )
 
@@ -447,3 +499,38 @@ def _dkim(node: _Node, problems: _Problems) -> m.Dkim:
     headers = node.get("headers", v.choice("default"), "default")
     node.finish()
     return m.Dkim(tuple(keys), headers)
+
+
+def _egress(node: _Node, problems: _Problems) -> dict[str, m.Egress]:
+    """Named sending sources: an IPv4 and/or an IPv6 address, and an EHLO name. Whether
+    each address is local is checked at start and by check-config (relay.config.checks)."""
+    sources: dict[str, m.Egress] = {}
+    node.used.update(str(k) for k in node.data)
+    for name, body in node.data.items():
+        snode = _Node(body, node.key(str(name)), problems)
+        raw = snode.get("source_address", v.string_list, ())
+        ipv4 = ipv6 = None
+        for address in raw:
+            try:
+                parsed = ipaddress.ip_address(address)
+            except ValueError:
+                problems.add(
+                    snode.key("source_address"), f"expected an IP address, got {address!r}"
+                )
+                continue
+            if parsed.version == 6:
+                if ipv6 is not None:
+                    problems.add(snode.key("source_address"), "at most one IPv6 address")
+                ipv6 = str(parsed)
+            else:
+                if ipv4 is not None:
+                    problems.add(snode.key("source_address"), "at most one IPv4 address")
+                ipv4 = str(parsed)
+        if not raw:
+            problems.add(
+                snode.key("source_address"), "is required (an IPv4 and/or an IPv6 address)"
+            )
+        ehlo = snode.get("ehlo", v.hostname, _MISSING)
+        snode.finish()
+        sources[str(name)] = m.Egress(str(name), ipv4, ipv6, ehlo or "")
+    return sources

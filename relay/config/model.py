@@ -74,6 +74,7 @@ class Account:
     class_name: str | None
     rate: Rate | None
     dkim: bool = True  # false: this account's mail is left unsigned
+    egress: str | None = None  # pins the account's mail to a source, over its class
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,25 @@ class TrafficClass:
     priority: int
     rate: Rate | None
     detect: tuple[str, ...]
+    egress: str | None = None  # the source its mail leaves from (SPEC §14)
+
+
+@dataclass(frozen=True)
+class Egress:
+    """A sending identity: the local address(es) connections bind to and the EHLO name.
+    Receivers keep reputation per IP and name, so bulk can leave from its own."""
+
+    name: str
+    ipv4: str | None
+    ipv6: str | None
+    ehlo: str
+
+    def address_for(self, family_v6: bool) -> str | None:
+        return self.ipv6 if family_v6 else self.ipv4
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(a for a in (self.ipv4, self.ipv6) if a)
 
 
 @dataclass(frozen=True)
@@ -157,11 +177,18 @@ class Provider:
     domains: tuple[str, ...]
     mx: tuple[str, ...]
     shaping: Shaping
+    egress: str | None = None  # e.g. keep Gmail on an IPv4-only source
+    shared_limits: bool = False  # one set of limits for all sources, not one per source
 
 
 @dataclass(frozen=True)
 class Cluster:
     redis: Secret
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    retain: float = 7 * 86400.0  # finished messages stay findable this long (SPEC §12)
 
 
 @dataclass(frozen=True)
@@ -182,6 +209,12 @@ class Config:
     rules: tuple[Rule, ...]
     cluster: Cluster | None
     dkim: Dkim = field(default_factory=Dkim)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    # Sending sources by name; without an `egress` section, one named "default" made of
+    # delivery.source_address and hostname.
+    egress: dict[str, Egress] = field(default_factory=dict)
+    default_egress: str = "default"
+    egress_named: bool = False  # the YAML names sources: queues are kept per source
     source: str = field(default="", compare=False)
 
     def account(self, name: str) -> Account | None:

@@ -75,6 +75,7 @@ class Connection:
     decisions: dict[str, Decision] = field(default_factory=dict)  # by recipient domain
     released: bool = False  # closed, and its slot and counts given back (lane.py)
     busy: bool = False  # inside a transaction that has not finished
+    local: str = ""  # the address it left from (the egress source's, or the system's)
 
     @property
     def description(self) -> str:
@@ -91,7 +92,7 @@ class Connection:
         return self.smtp.is_connected
 
     def serves(self, site: Site) -> bool:
-        return site.key == self.site.key or site.serves(self.host)
+        return site.key == self.site.key or site.serves(self.host, self.site.source)
 
     async def close(self) -> None:
         """QUIT, wait for the server to close its end, then close ours and wait until the

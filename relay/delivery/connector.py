@@ -23,7 +23,7 @@ from typing import Any, Literal
 import aiosmtplib
 
 from relay.clock import SYSTEM_CLOCK, Clock
-from relay.config.model import Config, DeliveryTls, Rule, Shaping
+from relay.config.model import Config, DeliveryTls, Egress, Rule, Shaping
 from relay.delivery.client import CLOSE_TIMEOUT, Connection
 from relay.delivery.tls_policy import (
     STRENGTH,
@@ -201,15 +201,26 @@ class Connector:
         # too. A failed verification costs one more session, once per tls_broken_ttl.
         return _Plan("name", mandatory, True)
 
-    async def _tcp(self, address: str, port: int) -> socket.socket:
-        """The TCP connect alone, under `connect_timeout`: the greeting has its own."""
+    def _egress(self, site: Site) -> Egress:
+        """The site's sending source under the current config (a reload may have removed
+        it: then the default one)."""
+        egress = self._config.egress
+        return egress.get(site.source) or egress[self._config.default_egress]
+
+    async def _tcp(self, address: str, port: int, egress: Egress) -> socket.socket:
+        """The TCP connect alone, under `connect_timeout`: the greeting has its own. It
+        leaves from the source's address of the destination's family; a source that
+        names addresses but none of that family cannot reach it."""
         delivery = self._config.delivery
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        v6 = ":" in address
+        source = egress.address_for(v6)
+        if source is None and egress.addresses:
+            raise OSError(f"egress source {egress.name} has no IPv{6 if v6 else 4} address")
+        family = socket.AF_INET6 if v6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            source = delivery.source_address
-            if source is not None and (":" in source) == (family == socket.AF_INET6):
+            if source is not None:
                 sock.bind((source, 0))
             loop = asyncio.get_running_loop()
             await asyncio.wait_for(
@@ -234,7 +245,7 @@ class Connector:
         # At most three sessions: verifying, then unverified, then plaintext. A plan made
         # after a fallback allows no further one but plaintext, which never falls back.
         while True:
-            smtp = await self._session(host, address, port, where)
+            smtp = await self._session(host, address, port, where, self._egress(site))
             try:
                 facts = await self._secure(smtp, host, where, plan)
             except _Fallback as fallback:
@@ -266,13 +277,17 @@ class Connector:
             smtp.gone,
             tls=facts,
             policy=policy,
+            local=_local_address(smtp),
         )
 
-    async def _session(self, host: str, address: str, port: int, where: str) -> _Session:
-        """TCP, the greeting and EHLO: a session ready for STARTTLS or mail."""
+    async def _session(
+        self, host: str, address: str, port: int, where: str, egress: Egress
+    ) -> _Session:
+        """TCP, the greeting and EHLO (in the source's name): a session ready for
+        STARTTLS or mail."""
         delivery = self._config.delivery
         try:
-            sock = await self._tcp(address, port)
+            sock = await self._tcp(address, port, egress)
         except (OSError, TimeoutError) as exc:
             raise TransientDeliveryError(
                 Reply.local(451, "4.4.1", f"connect to {where} failed: {exc or type(exc).__name__}")
@@ -280,7 +295,7 @@ class Connector:
         smtp = _Session(
             sock=sock,
             hostname=host,
-            local_hostname=self._config.hostname,
+            local_hostname=egress.ehlo or self._config.hostname,
             timeout=delivery.command_timeout,
             start_tls=False,
             validate_certs=False,
@@ -416,6 +431,14 @@ def _peer_chain(ssl_object: Any) -> tuple[bytes, ...]:
         return tuple(c.public_bytes(ssl._ssl.ENCODING_DER) for c in private() or ())  # type: ignore[attr-defined]
     leaf = ssl_object.getpeercert(binary_form=True)
     return (leaf,) if leaf else ()
+
+
+def _local_address(smtp: aiosmtplib.SMTP) -> str:
+    try:
+        sockname = smtp.get_transport_info("sockname")
+    except aiosmtplib.SMTPServerDisconnected:
+        return ""
+    return str(sockname[0]) if sockname else ""
 
 
 class _Session(aiosmtplib.SMTP):

@@ -35,7 +35,7 @@ from relay.delivery.connector import tls_refusal
 from relay.delivery.context import LaneContext
 from relay.delivery.pause import Pause
 from relay.delivery.tls_policy import Decision, PolicyName
-from relay.delivery.transaction import transact
+from relay.delivery.transaction import egress_trace, transact
 from relay.errors import (
     DeliveryError,
     DestinationUnreachable,
@@ -255,7 +255,7 @@ class Lane:
             site, self.shaping, self._rules, domain, self._tally
         )
         self._ctx.queue.site_reached(site)
-        self._ctx.metrics.connections.labels(self.queue.provider).inc()
+        self._ctx.metrics.connections.labels(self.queue.provider, site.source).inc()
         return connection
 
     def _tally(self, policy: PolicyName, result: str) -> None:
@@ -276,7 +276,7 @@ class Lane:
         except (TransientDeliveryError, PermanentDeliveryError) as exc:
             # The greeting or EHLO reply matched a rule: the provider spoke for itself.
             verdict = classify(exc.reply, self._rules)
-            self._count_replies([exc.reply])
+            self._count_replies([exc.reply], site.source)
             self._apply(verdict.rule, exc.reply)
             if verdict.verdict is Verdict.BOUNCED:
                 await queue.settle_all(self.ready.take_site(site), exc.reply, Verdict.BOUNCED)
@@ -289,16 +289,16 @@ class Lane:
             return
         connection.released = True
         await connection.close()
-        self._ctx.metrics.connections.labels(self.queue.provider).dec()
+        self._ctx.metrics.connections.labels(self.queue.provider, connection.site.source).dec()
         # One count per session, under the strongest policy it met (SPEC §8).
         result = "tls" if connection.tls.version else "plaintext"
         self._tally(connection.policy, "failed" if connection.tls_failed else result)
 
-    def _count_replies(self, replies: list[Reply]) -> None:
+    def _count_replies(self, replies: list[Reply], source: str) -> None:
         counter = self._ctx.metrics.replies
         for reply in replies:
             if reply.remote:
-                counter.labels(self.queue.provider, str(reply.code)).inc()
+                counter.labels(self.queue.provider, str(reply.code), source).inc()
 
     # transactions
 
@@ -350,8 +350,10 @@ class Lane:
                 await self._defer(batch, tls_refusal(decision.problem), decision.policy)
                 return connection
         hop = Hop(decision.policy, connection.tls.version, connection.dsn)
+        if self._config.egress_named:
+            message = egress_trace(self._config, connection, batch.message.id) + message
         result = await transact(connection, batch, message, self._rules, hop)
-        self._count_replies(result.replies)
+        self._count_replies(result.replies, connection.site.source)
         await queue.settle(batch, result.attempts, connection.description)
         for rule, reply in result.fired:
             self._apply(rule, reply)
@@ -386,7 +388,7 @@ class Lane:
                     decision.policy,
                 )
             verdict = classify(reply, self._rules)
-            self._count_replies([reply])
+            self._count_replies([reply], batch.destination.site.source)
             self._apply(verdict.rule, reply)
             self.shaper.refund_message(batch.class_name)  # nothing was sent
             hop = Hop(decision.policy, None)

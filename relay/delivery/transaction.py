@@ -3,10 +3,12 @@ attempt classified. Nothing here touches the queue: the lane hands the attempts 
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from relay.config.model import Rule
+from relay.config.model import Config, Rule
 from relay.delivery.classify import classify
 from relay.delivery.client import Connection
 from relay.errors import TransientDeliveryError
@@ -20,6 +22,19 @@ class Result:
     attempts: list[Attempt]
     replies: list[Reply]  # what the server said, once each (for the reply counter)
     fired: list[tuple[Rule, Reply]] = field(default_factory=list)  # rules to act on, once each
+
+
+def egress_trace(config: Config, connection: Connection, queue_id: str) -> bytes:
+    """A `Received:` line naming the sending source this hop leaves from (SPEC §14), so
+    that a receiver's postmaster, or ours, can tell which identity carried it. Trace
+    fields are not DKIM-signed (RFC 6376 §5.4.1), so the signature stays valid."""
+    source = config.egress.get(connection.site.source)
+    name = source.ehlo if source is not None else config.hostname
+    stamp = email.utils.format_datetime(datetime.datetime.now(datetime.UTC))
+    return (
+        f"Received: from {config.hostname} by {name} (relay egress {connection.site.source} "
+        f"[{connection.local or 'unbound'}]) id {queue_id};\r\n\t{stamp}\r\n"
+    ).encode()
 
 
 async def transact(

@@ -86,7 +86,7 @@ class ReadyQueue:
         if site.key in by_site:
             yield site.key
         for key in list(by_site):
-            if key != site.key and self._sites[key].serves(host):
+            if key != site.key and self._sites[key].serves(host, site.source):
                 yield key
 
     def _pop(self, name: str, by_site: dict[str, deque[Batch]], key: str) -> Batch | None:
@@ -113,7 +113,7 @@ class ReadyQueue:
             if not class_open(name):
                 continue
             for key in self._classes[name]:
-                if key != site.key and not self._sites[key].serves(host):
+                if key != site.key and not self._sites[key].serves(host, site.source):
                     return True
         return False
 

@@ -39,18 +39,21 @@ class Site:
 
     key: str
     hosts: tuple[str, ...]
+    source: str = "default"  # the egress source its connections leave from (SPEC §14)
 
-    def serves(self, host: str) -> bool:
-        return host in self.hosts
+    def serves(self, host: str, source: str) -> bool:
+        """A connection to `host` from `source` can carry this site's mail."""
+        return source == self.source and host in self.hosts
 
 
 @dataclass(frozen=True, slots=True)
 class Queue:
     """What one delivery lane serves, with that lane's shaping."""
 
-    key: str  # provider name, or "default:<site key>"
+    key: str  # provider name, or "default:<site key>"; "@<source>" per egress source
     provider: str  # provider name or "default": the bounded metrics label
     shaping: Shaping
+    egress: str = "default"  # whose limits these are; "shared" with shared_limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,16 +153,48 @@ class Router:
             queue = Queue(f"{DEFAULT_PROVIDER}:{site.key}", DEFAULT_PROVIDER, self._config.defaults)
         return Destination(queue, site, why)
 
+    def for_egress(self, destination: Destination, source: str) -> Destination:
+        """The destination as seen from one sending source. Receivers count connections
+        and rates per IP, so each (source, provider) is a queue of its own with its own
+        limits, suspensions and throttles, unless the provider sets `shared_limits`
+        (then one queue, whose lines and connections are still kept per source)."""
+        if not self._config.egress_named:
+            return destination
+        queue, site = destination.queue, destination.site
+        shared = any(p.name == queue.provider and p.shared_limits for p in self._config.providers)
+        if shared:
+            queue = Queue(queue.key, queue.provider, queue.shaping, "shared")
+            site = Site(f"{source}|{site.key}", site.hosts, source)
+        else:
+            queue = Queue(f"{queue.key}@{source}", queue.provider, queue.shaping, source)
+            site = Site(site.key, site.hosts, source)
+        return Destination(queue, site, destination.reason)
+
     def providers(self) -> list[str]:
         return [p.name for p in self._config.providers]
 
     def queue(self, key: str) -> Queue | None:
         """The queue behind a key under the current config: a configured provider, or
-        `default:<site>`. None for anything else: an admin cannot conjure a provider."""
+        `default:<site>`, each `@<source>` when sources are named. None for anything
+        else: an admin cannot conjure a provider or a source."""
+        name, at, source = key.rpartition("@") if "@" in key else (key, "", "")
+        if at and source not in self._config.egress:
+            return None
+        egress = source or ("shared" if self._config.egress_named else "default")
         for provider in self._config.providers:
-            if provider.name == key:
-                return Queue(provider.name, provider.name, provider.shaping)
-        prefix, _, site = key.partition(":")
+            if provider.name == name:
+                if self._config.egress_named and (not at) != provider.shared_limits:
+                    return None  # per source (`orange@lists`), or one shared queue
+                return Queue(key, provider.name, provider.shaping, egress)
+        prefix, _, site = name.partition(":")
         if prefix == DEFAULT_PROVIDER and site:
-            return Queue(key, DEFAULT_PROVIDER, self._config.defaults)
+            return Queue(key, DEFAULT_PROVIDER, self._config.defaults, egress)
         return None
+
+    def queues_of(self, provider: str) -> list[str]:
+        """The queue keys of a provider: one, or one per source."""
+        if not self._config.egress_named or any(
+            p.name == provider and p.shared_limits for p in self._config.providers
+        ):
+            return [provider]
+        return [f"{provider}@{source}" for source in self._config.egress]
