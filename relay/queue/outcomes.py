@@ -161,6 +161,21 @@ class Outcomes:
                 reply.status,
                 outcome,
                 reply,
+                # The same facts as JSON keys (`--log-format json`) for `relay replay` and
+                # log pipelines. `reply` is the one classified: for an expired recipient,
+                # the server's last reply, not the expiry text of the message.
+                extra={
+                    "event": "delivery",
+                    "id": envelope.id,
+                    "to": recipient.address,
+                    "provider": provider,
+                    "relay": relay,
+                    "attempt": recipient.attempts,
+                    "status": outcome,
+                    "verdict": verdict.value,
+                    "reply": str(attempt.reply),
+                    "remote": attempt.reply.remote,
+                },
             )
 
         for notices in (failures, delays, relayed):
