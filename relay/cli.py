@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     from relay.admin.cli import add_parsers
 
     add_parsers(sub)
+    from relay.replay.cli import add_parser as add_replay
+
+    add_replay(sub)
     return parser
 
 
