@@ -83,10 +83,12 @@ class Relay:
                 lambda: list(self.config.classes),
                 lambda: (self.spool.messages, self.spool.bytes, self.spool.quarantined),
                 lambda: len(self.router),
+                lambda: list(self.config.egress),
             )
         )
         for name in [p.name for p in config.providers] + ["default"]:
-            self.metrics.connections.labels(name)  # a series from the start, at 0
+            for egress in config.egress:
+                self.metrics.connections.labels(name, egress)  # a series from the start, at 0
         for domain in {key.domain for key in config.dkim.keys}:
             for result in ("signed", "failed"):
                 self.metrics.dkim_signatures.labels(domain, result)

@@ -12,7 +12,7 @@ from relay.delivery.dispatcher import Dispatcher
 from relay.delivery.lane import Lane
 from relay.queue.manager import QueueManager
 from relay.queue.models import QueuedMessage, Recipient, Where
-from relay.routing.router import Router
+from relay.routing.router import DEFAULT_PROVIDER, Router
 from relay.spool.store import Spool
 
 log = logging.getLogger("relay.admin")
@@ -146,6 +146,7 @@ class QueueService:
                 {
                     "queue": lane.key,
                     "provider": lane.queue.provider,
+                    "egress": lane.queue.egress,
                     "suspended": lane.suspended,
                     "paused": lane.paused,
                     "pending_batches": lane.ready.pending,
@@ -194,25 +195,38 @@ class QueueService:
         """Return every waiting recipient to the sender with a DSN."""
         return await self._queue.bounce(self.message(message_id))
 
-    def _lane_for(self, name: str) -> Lane:
-        """A configured provider's lane, or a default site's that exists now: an admin
+    def _lanes_for(self, name: str) -> list[Lane]:
+        """A queue by its key, or every queue of a configured provider (one per egress
+        source when sources are named); a default site's only while it exists: an admin
         call never invents a queue the config does not name."""
         lane = self._lanes.lanes.get(name)
         if lane is not None:
-            return lane
-        queue = self._router().queue(name)
-        if queue is None or queue.provider != name:
-            providers = ", ".join(sorted(self._router().providers()))
+            return [lane]
+        router = self._router()
+        keys = router.queues_of(name) if name in router.providers() else [name]
+        found = []
+        for key in keys:
+            lane = self._lanes.lanes.get(key)
+            if lane is None:
+                queue = router.queue(key)
+                if queue is None or queue.provider == DEFAULT_PROVIDER:
+                    continue
+                lane = self._lanes.lane(self._queue.ready_queue(queue))
+            found.append(lane)
+        if not found:
+            providers = ", ".join(sorted(router.providers()))
             raise NotFound(
-                f"no provider {name!r} (providers: {providers}; a default:<site> queue "
-                "exists only while it holds mail)"
+                f"no provider {name!r} (providers: {providers}; with egress sources also "
+                "<provider>@<source>; a default:<site> queue exists only while it holds mail)"
             )
-        return self._lanes.lane(self._queue.ready_queue(queue))
+        return found
 
     def suspend(self, name: str, seconds: float) -> None:
         if seconds <= 0:
             raise BadRequest("the suspension must last more than 0s")
-        self._lane_for(name).suspend(seconds, "suspended by the administrator")
+        for lane in self._lanes_for(name):
+            lane.suspend(seconds, "suspended by the administrator")
 
     def resume(self, name: str) -> None:
-        self._lane_for(name).resume()
+        for lane in self._lanes_for(name):
+            lane.resume()

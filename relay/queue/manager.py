@@ -29,6 +29,7 @@ from relay.queue.schedule import Schedule
 from relay.queue.sites import SiteBackoff
 from relay.queue.stats import QueueStats
 from relay.reply import Reply, Verdict
+from relay.routing.egress import choose as choose_egress
 from relay.routing.router import DEFAULT_PROVIDER, Destination, Queue, Router, Site
 from relay.spool.records import RecipientStatus
 from relay.spool.store import Recovered, Spool
@@ -136,6 +137,11 @@ class QueueManager:
     def _routed(
         self, message: QueuedMessage, recipients: list[Recipient], destination: Destination
     ) -> None:
+        envelope = message.envelope
+        source = choose_egress(
+            self.config, envelope.account, envelope.class_name, destination.queue.provider
+        )
+        destination = self._router.for_egress(destination, source.name)
         for recipient in recipients:
             recipient.destination = destination
         self.place(message, recipients)

@@ -144,17 +144,21 @@ class Outcomes:
             elif status is RecipientStatus.DELIVERED and _relayed(attempt, envelope):
                 relayed.append(Failure(recipient.spec, reply, remote, action="relayed"))
             outcome = {RecipientStatus.EXPIRED: "expired"}.get(status, verdict.value)
-            self._metrics.deliveries.labels(provider, class_name, outcome).inc()
+            destination = recipient.destination
+            egress = destination.site.source if destination is not None else "default"
+            self._metrics.deliveries.labels(provider, class_name, outcome, egress).inc()
             if status.is_final:
                 self._metrics.delay.labels(provider, class_name).observe(now - envelope.received_at)
                 self._stats.move(message, [recipient], Where.NOWHERE)
             hop = attempt.hop
             log.info(
-                "id=%s to=<%s> provider=%s relay=%s%s delay=%.1f attempt=%d dsn=%s status=%s (%s)",
+                "id=%s to=<%s> provider=%s relay=%s%s%s delay=%.1f attempt=%d dsn=%s "
+                "status=%s (%s)",
                 envelope.id,
                 recipient.address,
                 provider,
                 relay or "none",
+                f" egress={egress}" if self.config.egress_named else "",
                 f" tls={hop.tls or 'none'} policy={hop.policy}" if hop is not None else "",
                 now - envelope.received_at,
                 recipient.attempts,
