@@ -13,9 +13,10 @@ import sys
 
 from relay import __version__, eventloop, logs
 from relay.config import load_config
-from relay.config.checks import example_password_exposed
+from relay.config.checks import egress_not_local, example_password_exposed
 from relay.config.model import Config
 from relay.errors import ConfigError, RelayError
+from relay.routing.egress import choose as choose_egress
 
 DEFAULT_CONFIG = "config/relay.yaml"
 
@@ -31,7 +32,7 @@ def _load(path: str) -> Config:
         # check-config and serve both refuse one that cannot sign.
         from relay.dkim import load_keys
 
-        problems = load_keys(config.dkim).problems
+        problems = [*load_keys(config.dkim).problems, *egress_not_local(config)]
         if problems:
             raise ConfigError(list(problems))
         return config
@@ -125,6 +126,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for class_name in sorted(config.classes, key=lambda c: -config.classes[c].priority):
         print("  " + "  ".join(f"({class_name}, {name})" for name, *_ in rows))
     print(f"global rules: {len(config.rules)}")
+    if not config.egress_named:
+        only = config.egress[config.default_egress]
+        where = ",".join(only.addresses) or "any local address"
+        print(f"egress: one source [{where}] ehlo={only.ehlo}")
+    else:
+        print("egress (class, provider) → source:")
+    for class_name in sorted(config.classes, key=lambda c: -config.classes[c].priority):
+        for name, *_ in rows if config.egress_named else ():
+            source = choose_egress(config, None, class_name, name)
+            where = ",".join(source.addresses)
+            print(f"  ({class_name}, {name}) → {source.name} [{where}] ehlo={source.ehlo}")
+    pinned = [a for a in config.accounts if a.egress]
+    for account in pinned:
+        print(f"  account {account.name} → {account.egress} (over its class)")
     from relay.dkim import load_keys
 
     keys = load_keys(config.dkim).keys
@@ -219,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("queue", "provider", "reload"):
+        if args.command in ("queue", "provider", "reload", "history"):
             return int(args.func(args, _config_path(args)))
         return int(args.func(args))
     except RelayError as exc:
