@@ -19,6 +19,7 @@ from aiohttp import web
 
 from relay.admin.http import start_admin
 from relay.admin.service import QueueService
+from relay.admin.status import StatusPage
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.config import load_config
 from relay.config.checks import example_password_exposed
@@ -168,6 +169,15 @@ class Relay:
             reload=self.reload,
             registry=self.metrics.registry,
             spool_path=self.config.spool_path,
+            status=StatusPage(
+                config=lambda: self.config,
+                lanes=lambda: list(self.dispatcher.lanes.values()),
+                suspensions=self.suspensions,
+                registry=self.metrics.registry,
+                deferrals=self.queue.deferrals,
+                show=service.show,
+                clock=self._clock,
+            ),
         )
         log.info(
             "admin API and metrics on http://%s:%d/",

@@ -14,9 +14,12 @@ Every request passes `_guard` first, in this order (SPEC §12, "Admin API safety
 3. A bearer token, `admin.token` or else the one generated in the spool, for everything
    but /healthz, /readyz and /metrics (the last only on a loopback address or with
    `admin.metrics_public`: queue depths per provider are not for the whole network).
+   The status page (`GET /`, status.py) also takes its cookie, which opens nothing else;
+   without either, it answers with its login form.
 4. POST and DELETE carry `Content-Type: application/json` and a JSON object: an HTML
    form can send neither, and a script elsewhere needs a CORS preflight to, which this
-   listener never grants.
+   listener never grants. The one exception is the login form's POST /login, which
+   carries the token itself, and has passed the Host and Origin checks like any other.
 
 Then the outcome: `NotFound` → 404, `BadRequest` (the service's, or the request's own
 parsing here) → 400, any other exception → 500 with its traceback in the log: a bare
@@ -37,6 +40,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from relay.admin.service import BadRequest, NotFound, QueueService
+from relay.admin.status import LOGIN, LOGOUT, PAGE, StatusPage, add_routes, cookie_opens, login_page
 from relay.admin.token import ensure_token
 from relay.config.model import Admin
 from relay.config.units import parse_duration
@@ -162,8 +166,8 @@ class _Credentials:
 
 
 def _needs_token(path: str, admin: Admin) -> bool:
-    if path in ALWAYS_OPEN:
-        return False
+    if path in ALWAYS_OPEN or path in (LOGIN, LOGOUT):
+        return False  # the login form checks the token itself; logout only forgets a cookie
     if path == "/metrics":
         return not (admin.metrics_public or is_loopback(admin.address))
     return True  # every other path, present or future, unknown ones included
@@ -208,6 +212,7 @@ def build_app(
     reload: Reload,
     registry: CollectorRegistry,
     spool_path: str,
+    status: StatusPage | None = None,
 ) -> web.Application:
     """The admin application. Without `admin.token`, the token is generated into
     `spool_path` here, so a spool we cannot write stops the start with one sentence."""
@@ -220,15 +225,20 @@ def build_app(
         refusal = _foreign(request, config)
         if refusal is not None:
             return _error(403, refusal)
-        if _needs_token(request.path, config) and not credentials.accepts(
-            request.headers.get("Authorization")
+        if _needs_token(request.path, config) and not (
+            credentials.accepts(request.headers.get("Authorization"))
+            or (status is not None and cookie_opens(request, credentials.expected()))
         ):
+            if status is not None and request.path == PAGE:
+                return login_page()  # a browser gets the form, not a JSON error
             return _error(
                 401,
                 "missing or wrong bearer token (admin.token, or admin.token in the spool "
                 "directory when admin.token is not set)",
             )
-        mutating = request.method not in SAFE_METHODS
+        # The login form is the one mutation that is not JSON: it carries the token itself.
+        form = status is not None and request.path == LOGIN
+        mutating = request.method not in SAFE_METHODS and not form
         if mutating and request.content_type != "application/json":
             return _error(415, f"{request.method} needs Content-Type: application/json")
         try:
@@ -336,6 +346,8 @@ def build_app(
     app.router.add_get("/api/providers", providers)
     app.router.add_post("/api/providers/{name}/{action}", provider_action)
     app.router.add_post("/api/reload", reload_config)
+    if status is not None:
+        add_routes(app, status, credentials.expected)
     return app
 
 
@@ -347,6 +359,7 @@ async def start_admin(
     reload: Reload,
     registry: CollectorRegistry,
     spool_path: str,
+    status: StatusPage | None = None,
 ) -> web.AppRunner:
     """Serve the admin API on admin.address:admin.port (as at start: a reload does not
     move the listener); the caller cleans the returned runner up at shutdown."""
@@ -357,6 +370,7 @@ async def start_admin(
         reload=reload,
         registry=registry,
         spool_path=spool_path,
+        status=status,
     )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

@@ -21,6 +21,7 @@ from typing import Any
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.config.model import Config
 from relay.metrics import Metrics
+from relay.queue.deferrals import RecentDeferrals
 from relay.queue.models import Batch, QueuedMessage, Recipient, Where
 from relay.queue.outcomes import Attempt, Outcomes, Settled
 from relay.queue.ready import ReadyQueue
@@ -56,6 +57,7 @@ class QueueManager:
         self.schedule = Schedule(clock)
         self.sites = SiteBackoff(clock)
         self._outcomes = Outcomes(config, spool, self.stats, metrics, clock)
+        self.deferrals = RecentDeferrals(clock)  # the status page shows the last ones
         self._ready: dict[str, ReadyQueue] = {}
         self.opened: asyncio.Queue[ReadyQueue] = asyncio.Queue()
         self._routing: set[asyncio.Task[Any]] = set()
@@ -226,6 +228,7 @@ class QueueManager:
         self, message: QueuedMessage, attempts: list[Attempt], relay: str | None, provider: str
     ) -> None:
         settled = await self._outcomes.settle(message, attempts, relay, provider)
+        self.deferrals.record(message, settled.deferred, provider)
         self._after(message, settled)
 
     def _after(self, message: QueuedMessage, settled: Settled) -> None:
