@@ -8,7 +8,10 @@ the Reply to log and report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +33,52 @@ log = logging.getLogger("relay.delivery")
 def _xtext(value: str) -> str:
     """RFC 3461 §4 xtext: '+', '=' and non-printables as +HH."""
     return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in value)
+
+
+async def shut(
+    transport: asyncio.BaseTransport | None,
+    gone: asyncio.Future[None],
+    where: str,
+    abortive: bool = False,
+) -> None:
+    """Close and wait until the socket is gone (connection_lost); the caller frees the
+    connection's slot only after this returns.
+
+    A graceful close with unsent data leaves the kernel sending it, a FIN after it, for
+    many minutes to a peer that reads nothing: the peer still counts us connected. So a
+    session that failed midway (`abortive`), or one whose close does not finish within
+    CLOSE_TIMEOUT, is reset instead (SO_LINGER 0, then abort): the peer sees that at once.
+    """
+    if transport is not None and abortive:
+        _reset(transport)
+    elif transport is not None and not transport.is_closing():
+        transport.close()
+    if gone.done():
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(gone), CLOSE_TIMEOUT)
+        return
+    except TimeoutError:
+        pass
+    if transport is not None:
+        _reset(transport)
+    try:
+        await asyncio.wait_for(asyncio.shield(gone), CLOSE_TIMEOUT)
+    except TimeoutError:
+        log.warning("%s: socket not closed even after a reset", where)
+
+
+def _reset(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # uvloop's transports have abort() without being asyncio.Transport instances.
+    abort = getattr(transport, "abort", None)
+    if callable(abort):
+        abort()
+    else:
+        transport.close()
 
 
 def _needs_smtputf8(envelope: Envelope, recipients: Sequence[Recipient], message: bytes) -> bool:
@@ -76,6 +125,9 @@ class Connection:
     released: bool = False  # closed, and its slot and counts given back (lane.py)
     busy: bool = False  # inside a transaction that has not finished
     local: str = ""  # the address it left from (the egress source's, or the system's)
+    # Ours to close: aiosmtplib forgets its transport when it closes it, but a graceful
+    # close can hang on a peer that reads nothing, and then only abort() ends it.
+    transport: asyncio.BaseTransport | None = None
 
     @property
     def description(self) -> str:
@@ -89,7 +141,8 @@ class Connection:
 
     @property
     def usable(self) -> bool:
-        return self.smtp.is_connected
+        """Open, and not left midway through a transaction."""
+        return self.smtp.is_connected and not self.busy
 
     def serves(self, site: Site) -> bool:
         return site.key == self.site.key or site.serves(self.host, self.site.source)
@@ -110,11 +163,12 @@ class Connection:
                 await asyncio.wait_for(asyncio.shield(self.closed), CLOSE_TIMEOUT)
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 pass
+        transport = self.transport
+        broken = self.busy
+        if broken:
+            self.smtp.transport = None  # aiosmtplib must not close it gracefully first
         self.smtp.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.closed), CLOSE_TIMEOUT)
-        except TimeoutError:
-            log.warning("%s: socket not closed after %.0fs", self.description, CLOSE_TIMEOUT)
+        await shut(transport, self.closed, self.description, abortive=broken)
 
     async def _command(self, stage: str, *args: bytes, limit: float | None = None) -> Reply:
         try:

@@ -24,7 +24,7 @@ import aiosmtplib
 
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.config.model import Config, DeliveryTls, Egress, Rule, Shaping
-from relay.delivery.client import CLOSE_TIMEOUT, Connection
+from relay.delivery.client import Connection, shut
 from relay.delivery.tls_policy import (
     STRENGTH,
     Decision,
@@ -278,6 +278,7 @@ class Connector:
             tls=facts,
             policy=policy,
             local=_local_address(smtp),
+            transport=smtp.transport,
         )
 
     async def _session(
@@ -461,12 +462,11 @@ class _Session(aiosmtplib.SMTP):
 
 async def _hang_up(smtp: _Session) -> None:
     """Close without QUIT (the session failed) and wait until the socket is gone."""
+    transport = smtp.transport
     smtp.close()
-    if not smtp.gone.done():
-        try:
-            await asyncio.wait_for(asyncio.shield(smtp.gone), CLOSE_TIMEOUT)
-        except TimeoutError:
-            pass
+    await shut(
+        transport if isinstance(transport, asyncio.Transport) else None, smtp.gone, "session"
+    )
 
 
 async def _greet(smtp: aiosmtplib.SMTP) -> None:

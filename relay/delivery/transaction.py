@@ -45,7 +45,9 @@ async def transact(
         replies = await connection.send(batch.message.envelope, batch.recipients, message)
     except TransientDeliveryError as exc:
         replies, fallback = {}, exc.reply
-        connection.smtp.close()
+        # Left to the lane's close, which resets a session that failed midway: the
+        # peer may have stopped reading, and a graceful close would never reach it.
+        connection.busy = True
     result = Result([], _distinct(replies.values()))
     fired: dict[int, tuple[Rule, Reply]] = {}
     for recipient in batch.recipients:
