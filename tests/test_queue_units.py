@@ -307,3 +307,41 @@ def test_a_suspension_lasts_its_time_and_is_saved(tmp_path: Path) -> None:
         assert ended == []  # the timer never fired: the fake clock does not move the loop
 
     asyncio.run(main())
+
+
+def test_a_recipient_scheduled_twice_for_one_time_is_due_once(tmp_path: Path) -> None:
+    async def test(manager: QueueManager, clock: FakeClock, spool: Spool) -> None:
+        alpha = Site("[127.0.0.2]:25", ("127.0.0.2",))
+        first = await _message(spool, clock, "a@alpha.test")
+        manager.submit(first)
+        await manager.site_unreachable(_ready(manager, "alpha"), alpha, Reply.parse(421, "x"))
+        message = await _message(spool, clock, "b@alpha.test")
+        manager.submit(message)  # waits for the site's backoff, without an attempt
+        await manager.hold(message)
+        await manager.release(message)  # scheduled again for the same moment
+        clock.now += 3600
+        due = [r for m, rs in manager.schedule.pop_due() if m is message for r in rs]
+        assert due == message.recipients
+
+    run(test, tmp_path)
+
+
+def test_the_oldest_age_heap_stays_bounded_behind_an_old_message(tmp_path: Path) -> None:
+    from relay.queue.stats import QueueStats
+
+    stats = QueueStats()
+    envelope = Envelope("old", "a@b.c", (EnvelopeRecipient("x@y.z"),), 0, 1, "t", "a")
+    old = QueuedMessage(envelope, 0)
+    old.recipients[0].destination = Destination(
+        Queue("q", "default", _config().defaults), Site("s", ("s",)), "t"
+    )
+    stats.move(old, old.recipients, Where.READY)  # waits for days
+    for i in range(5000):
+        message = QueuedMessage(
+            Envelope(f"m{i:05}", "a@b.c", (EnvelopeRecipient("x@y.z"),), i, 1, "t", "a"), 0
+        )
+        message.recipients[0].destination = old.recipients[0].destination
+        stats.move(message, message.recipients, Where.READY)
+        stats.move(message, message.recipients, Where.NOWHERE)  # delivered
+    assert sum(len(heap) for heap in stats._oldest.values()) < 2100
+    assert stats.oldest_ages(5000)[("default", "t")] == 5000

@@ -43,6 +43,9 @@ class Pause:
         """Suspend for `duration`; False when a longer pause is already in force."""
         if duration <= 0:
             return False
+        until = self._clock.monotonic() + duration
+        if until <= self._until:
+            return False  # a longer pause is in force: its end and reason stand, on disk too
         if persist:
             self._store.set(self._key, self._clock.time() + duration, reason)
         self.reason = reason
@@ -54,9 +57,6 @@ class Pause:
             "" if persist else " (restored)",
             reason,
         )
-        until = self._clock.monotonic() + duration
-        if until <= self._until:
-            return False
         self._until = until
         self._arm(duration)
         return True

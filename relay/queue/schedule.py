@@ -40,22 +40,31 @@ class Schedule:
         """Every scheduled recipient due by now, grouped by message."""
         now = self._clock.time()
         due: dict[str, tuple[QueuedMessage, list[Recipient]]] = {}
+        seen: set[int] = set()
         while self._heap and self._heap[0][0] <= now:
             when, _, message, recipient = heapq.heappop(self._heap)
             if recipient.where is not Where.SCHEDULED or recipient.next_attempt != when:
                 continue  # stale: flushed, held, deleted or rescheduled since
+            # Scheduled again for the same time (held and released while its site backed
+            # off): one entry only, or it would be sent twice in one transaction.
+            if id(recipient) in seen:
+                continue
+            seen.add(id(recipient))
             due.setdefault(message.id, (message, []))[1].append(recipient)
         return list(due.values())
 
     def select(self, accept: Callable[[QueuedMessage, Recipient], bool]) -> Due:
         """Scheduled recipients that `accept` picks (flush), grouped by message."""
         found: dict[str, tuple[QueuedMessage, list[Recipient]]] = {}
+        seen: set[int] = set()
         for when, _, message, recipient in self._heap:
             if (
                 recipient.where is Where.SCHEDULED
                 and recipient.next_attempt == when
+                and id(recipient) not in seen
                 and accept(message, recipient)
             ):
+                seen.add(id(recipient))
                 found.setdefault(message.id, (message, []))[1].append(recipient)
         return list(found.values())
 

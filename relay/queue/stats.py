@@ -61,7 +61,15 @@ class QueueStats:
         count = members.get(message.id, 0) + delta
         if count > 0:
             if message.id not in members:
-                heapq.heappush(self._oldest[queue], (message.envelope.received_at, message.id))
+                heap = self._oldest[queue]
+                heapq.heappush(heap, (message.envelope.received_at, message.id))
+                if len(heap) > 2 * len(members) + 1024:
+                    # Entries leave lazily, from the top only: one message waiting for
+                    # days would pin every later one behind it. Rebuild from members.
+                    heap[:] = [
+                        entry for entry in heap if entry[1] in members or entry[1] == message.id
+                    ]
+                    heapq.heapify(heap)
             members[message.id] = count
         else:
             members.pop(message.id, None)

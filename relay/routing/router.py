@@ -164,10 +164,11 @@ class Router:
         shared = any(p.name == queue.provider and p.shared_limits for p in self._config.providers)
         if shared:
             queue = Queue(queue.key, queue.provider, queue.shaping, "shared")
-            site = Site(f"{source}|{site.key}", site.hosts, source)
         else:
             queue = Queue(f"{queue.key}@{source}", queue.provider, queue.shaping, source)
-            site = Site(site.key, site.hosts, source)
+        # The site as reached from this source: a receiver may refuse one source's
+        # address and take the other's, so backoff and connections are per source too.
+        site = Site(f"{source}|{site.key}", site.hosts, source)
         return Destination(queue, site, destination.reason)
 
     def providers(self) -> list[str]:
