@@ -345,3 +345,32 @@ def test_the_oldest_age_heap_stays_bounded_behind_an_old_message(tmp_path: Path)
         stats.move(message, message.recipients, Where.NOWHERE)  # delivered
     assert sum(len(heap) for heap in stats._oldest.values()) < 2100
     assert stats.oldest_ages(5000)[("default", "t")] == 5000
+
+
+def test_hold_and_release_racing_never_leave_mail_stuck(tmp_path: Path) -> None:
+    async def test(manager: QueueManager, clock: FakeClock, spool: Spool) -> None:
+        for _ in range(10):
+            message = await _message(spool, clock, "a@alpha.test")
+            manager.submit(message)
+            await asyncio.gather(manager.hold(message), manager.release(message))
+            [recipient] = message.recipients
+            expected = Where.HELD if message.held else Where.READY
+            assert recipient.where is expected
+            await manager.release(message)
+            assert recipient.where is Where.READY
+            _states_add_up(manager)
+
+    run(test, tmp_path)
+
+
+def test_workers_failing_one_round_together_count_one_failure(tmp_path: Path) -> None:
+    async def test(manager: QueueManager, clock: FakeClock, spool: Spool) -> None:
+        manager.submit(await _message(spool, clock, "a@alpha.test"))
+        ready = _ready(manager, "alpha")
+        site = Site("[127.0.0.2]:25", ("127.0.0.2",))
+        refused = Reply.local(451, "4.4.1", "refused")
+        await asyncio.gather(*(manager.site_unreachable(ready, site, refused) for _ in range(5)))
+        until = manager.sites.until(site.key)
+        assert until is not None and until - clock.now <= 330  # retry.initial, not retry.max
+
+    run(test, tmp_path)

@@ -62,6 +62,7 @@ class QueueManager:
         self.opened: asyncio.Queue[ReadyQueue] = asyncio.Queue()
         self._routing: set[asyncio.Task[Any]] = set()
         self._settling: set[asyncio.Task[Any]] = set()
+        self._admin = asyncio.Lock()
 
     def reconfigure(self, config: Config, router: Router) -> None:
         """A reload: new routes and retry settings from now on; queued mail keeps its
@@ -155,6 +156,10 @@ class QueueManager:
         if message.held:
             self.stats.move(message, recipients, Where.HELD)
             return
+        unrouted = [r for r in recipients if r.destination is None]
+        if unrouted:  # put back before an MX lookup ever routed them (a DSN not stored)
+            self._route(message, unrouted)
+            recipients = [r for r in recipients if r.destination is not None]
         now = self._clock.time()
         ready: dict[tuple[str, str], list[Recipient]] = defaultdict(list)
         for recipient in recipients:
@@ -242,7 +247,9 @@ class QueueManager:
     async def site_unreachable(self, ready: ReadyQueue, site: Site, reply: Reply) -> None:
         """No host of `site` could be reached: it backs off alone, and the mail waiting
         for it is deferred with that reply (each recipient's attempt is counted)."""
-        until = self.sites.failed(site.key, self.config.retry)
+        until = self.sites.until(site.key)
+        if until is None:  # one failed round counts once, however many workers met it
+            until = self.sites.failed(site.key, self.config.retry)
         batches = ready.take_site(site)
         log.warning(
             "queue=%s site=%s unreachable, deferred for %.0fs (%d transactions waiting): %s",
@@ -288,19 +295,24 @@ class QueueManager:
         return count
 
     async def hold(self, message: QueuedMessage) -> None:
-        if message.held:
-            return
-        message.held = True
-        await self._spool.set_held(message.id, True)
-        waiting = [r for r in message.recipients if r.where in _WAITING]
-        self.stats.move(message, waiting, Where.HELD)
+        # One admin hold or release at a time: interleaved around the marker file's write,
+        # a release could run between a hold's flag and its move, and leave mail HELD
+        # with nothing to release it.
+        async with self._admin:
+            if message.held:
+                return
+            message.held = True
+            waiting = [r for r in message.recipients if r.where in _WAITING]
+            self.stats.move(message, waiting, Where.HELD)
+            await self._spool.set_held(message.id, True)
         log.info("id=%s held by the administrator", message.id)
 
     async def release(self, message: QueuedMessage) -> None:
-        if not message.held:
-            return
-        message.held = False
-        await self._spool.set_held(message.id, False)
+        async with self._admin:
+            if not message.held:
+                return
+            await self._spool.set_held(message.id, False)
+            message.held = False
         held = [r for r in message.recipients if r.where is Where.HELD]
         for recipient in held:
             recipient.next_attempt = 0.0
