@@ -73,6 +73,7 @@ class Relay:
             )
         )
         self.listeners: ListenerProcess | None = None
+        self._engines: list[asyncio.Task[Any]] = []  # the schedule and the dispatcher
         self._tasks: set[asyncio.Task[Any]] = set()
         self.recovery_failure: str | None = None
         self.admin: web.AppRunner | None = None
@@ -190,6 +191,9 @@ class Relay:
 
     def readiness_problems(self) -> list[str]:
         problems = []
+        for task in self._engines:
+            if task.done():  # logged when it ended (spawn): no mail moves without it
+                problems.append(f"the queue's {task.get_name()} stopped; see the log")
         if self.listeners is not None and self.listeners.draining:
             problems.append("shutting down")
         elif self.listeners is None or not self.listeners.serving:
@@ -305,8 +309,10 @@ class Relay:
         self, stop: asyncio.Event, urgent: asyncio.Event | None = None, grace: float = DEFAULT_GRACE
     ) -> None:
         background: set[asyncio.Task[Any]] = set()
-        spawn(self.queue.run(), background, "schedule")
-        spawn(self.dispatcher.run(self.queue.opened), background, "dispatcher")
+        self._engines = [
+            spawn(self.queue.run(), background, "schedule"),
+            spawn(self.dispatcher.run(self.queue.opened), background, "dispatcher"),
+        ]
         try:
             await self.start()
             self.notifier.ready()
