@@ -30,6 +30,8 @@ from relay.delivery.dispatcher import Dispatcher
 from relay.dkim import load_keys
 from relay.dns.resolver import Resolver
 from relay.errors import ConfigError, RelayError
+from relay.history import History, events
+from relay.history.events import Arrival
 from relay.listener.supervisor import ListenerProcess
 from relay.metrics import Metrics, StateCollector
 from relay.notify import Notifier
@@ -58,7 +60,10 @@ class Relay:
         self.spool = Spool(config.spool_path)
         self.resolver = Resolver(config.dns)
         self.router = Router(config, self.resolver, clock)
-        self.queue = QueueManager(config, self.spool, self.router, self.metrics, clock)
+        self.history = History(config.spool_path, self.spool.events_path, clock)
+        self.queue = QueueManager(
+            config, self.spool, self.router, self.metrics, clock, recorder=self.history.writer
+        )
         self.suspensions = Suspensions(config.spool_path)
         self.connector = Connector(config, self.resolver)
         self.dispatcher = Dispatcher(
@@ -100,8 +105,9 @@ class Relay:
 
     # what the listener process reports (ListenerEvents)
 
-    def accepted(self, envelope: Envelope, body_offset: int) -> None:
+    def accepted(self, envelope: Envelope, body_offset: int, arrival: Arrival) -> None:
         self.metrics.received.labels(envelope.account, envelope.class_name).inc()
+        self.history.writer.record(envelope.id, events.received(envelope, arrival))
         if self.queue.registry.get(envelope.id) is None:
             self.spool.note_stored(body_offset + envelope.size)
             self.queue.submit(QueuedMessage(envelope, body_offset))
@@ -150,6 +156,12 @@ class Relay:
         """
         started = time.time()
         self.spool.open()
+        self.history.open()
+        spawn(
+            self.history.prune_forever(lambda: self.config.history.retain),
+            self._tasks,
+            "history prune",
+        )
         listener_context(self.config)  # a bad certificate stops the start here
         for key, suspension in self.suspensions.load().items():
             log.info(
@@ -161,7 +173,9 @@ class Relay:
             queue = self.router.queue(key)
             if queue is not None:  # created now: paused before any mail routes
                 self.dispatcher.lane(self.queue.ready_queue(queue))
-        service = QueueService(self.queue, self.dispatcher, lambda: self.router, self.spool)
+        service = QueueService(
+            self.queue, self.dispatcher, lambda: self.router, self.spool, self.history
+        )
         # up first: /readyz says what is missing
         self.admin = await start_admin(
             admin=lambda: self.config.admin,
@@ -323,3 +337,4 @@ class Relay:
             for task in list(background):
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await self.history.close()  # after the queue's last outcome writes

@@ -139,8 +139,10 @@ class RelayProcess:
         return http_call(self.admin_port, method, path, sent, data)
 
     def spool_files(self) -> list[str]:
+        """Messages and their progress logs; not their timelines (`.ev`, relay/history),
+        which are a record for people, removed once history has them."""
         root = Path(self.workdir) / "spool" / "messages"
-        return sorted(p.name for p in root.rglob("*") if p.is_file())
+        return sorted(p.name for p in root.rglob("*") if p.is_file() and p.suffix != ".ev")
 
     @contextlib.contextmanager
     def client(self, *, auth: bool = True, tls: bool = True) -> Iterator[smtplib.SMTP]:

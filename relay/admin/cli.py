@@ -8,7 +8,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from relay.admin.client import AdminClient, endpoint_from_config
+from relay.admin.client import AdminClient, AdminError, endpoint_from_config
+from relay.history.text import finished_lines, history_table, timeline_lines
 
 
 def _client(args: argparse.Namespace, config_path: str) -> AdminClient:
@@ -91,6 +92,7 @@ def _show(message: dict[str, Any]) -> str:
         )
         if r.get("last_reply"):
             lines.append(f"      last reply: {r['last_reply']}")
+    lines += timeline_lines(message.get("timeline") or [])
     lines += ["headers:", *("  " + line for line in message.get("headers", "").splitlines())]
     return "\n".join(lines)
 
@@ -119,6 +121,28 @@ def cmd_queue(args: argparse.Namespace, config_path: str) -> int:
         for message_id in args.ids:
             client.call("POST", f"/api/queue/{message_id}/{action}")
             print(f"{message_id}: {done}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace, config_path: str) -> int:
+    """Finished messages: one by ID with its timeline, or those to or from an address."""
+    if args.id and (args.to or args.sender):
+        raise AdminError("give an ID, or --to/--from, not both")
+    if not (args.id or args.to or args.sender):
+        raise AdminError("say which messages: an ID, --to ADDRESS or --from ADDRESS")
+    client = _client(args, config_path)
+    if args.id:
+        found = client.call("GET", f"/api/history/{args.id}")
+        print(json.dumps(found, indent=2) if args.json else "\n".join(finished_lines(found)))
+        return 0
+    query = {
+        "to": args.to or "",
+        "from": args.sender or "",
+        "since": args.since or "",
+        "limit": str(args.limit),
+    }
+    messages = client.call("GET", "/api/history", query=query)["messages"]
+    print(json.dumps(messages, indent=2) if args.json else "\n".join(history_table(messages)))
     return 0
 
 
@@ -189,6 +213,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         parser = qsub.add_parser(action, parents=[common], help=text)
         parser.add_argument("ids", nargs="+", metavar="ID")
     queue.set_defaults(func=cmd_queue)
+
+    history = sub.add_parser(
+        "history",
+        parents=[common],
+        help="finished messages (kept history.retain): by ID, or to or from an address",
+    )
+    history.add_argument("id", nargs="?", help="a queue ID: that message and its timeline")
+    history.add_argument("--to", help="messages to this address (any case)")
+    history.add_argument("--from", dest="sender", help="messages from this envelope sender")
+    history.add_argument("--since", help='finished within this long, e.g. "24h"')
+    history.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(func=cmd_history)
 
     provider = sub.add_parser("provider", help="suspend or resume delivery to a provider")
     psub = provider.add_subparsers(dest="provider_action", required=True)

@@ -286,6 +286,28 @@ def build_app(
     async def queue_show(request: web.Request) -> web.Response:
         return web.json_response(service.show(request.match_info["id"]))
 
+    async def history_find(request: web.Request) -> web.Response:
+        q = request.query
+        limit = q.get("limit", "100")
+        if not _LIMIT.match(limit):
+            raise BadRequest("limit must be a whole number")
+        within = None
+        if q.get("since"):
+            try:
+                within = parse_duration(q["since"])
+            except ValueError as exc:
+                raise BadRequest(f"since: {exc}") from None
+        found = await service.history(
+            to=q.get("to") or None,
+            sender=q.get("from") or None,
+            within=within,
+            limit=max(1, min(int(limit), 10_000)),
+        )
+        return web.json_response({"messages": found})
+
+    async def history_show(request: web.Request) -> web.Response:
+        return web.json_response(await service.finished(request.match_info["id"]))
+
     async def queue_flush(request: web.Request) -> web.Response:
         provider = _optional_string(request[JSON_BODY], "provider")
         return web.json_response({"flushed": service.flush(provider=provider)})
@@ -341,6 +363,8 @@ def build_app(
     app.router.add_get("/api/queue", queue_list)
     app.router.add_post("/api/queue/flush", queue_flush)
     app.router.add_get("/api/queue/{id}", queue_show)
+    app.router.add_get("/api/history", history_find)
+    app.router.add_get("/api/history/{id}", history_show)
     app.router.add_delete("/api/queue/{id}", message_delete)
     app.router.add_post("/api/queue/{id}/{action}", message_action)
     app.router.add_get("/api/providers", providers)

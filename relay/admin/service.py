@@ -10,6 +10,7 @@ from typing import Any
 
 from relay.delivery.dispatcher import Dispatcher
 from relay.delivery.lane import Lane
+from relay.history import History
 from relay.queue.manager import QueueManager
 from relay.queue.models import QueuedMessage, Recipient, Where
 from relay.routing.router import DEFAULT_PROVIDER, Router
@@ -36,11 +37,13 @@ class QueueService:
         lanes: Dispatcher,
         router: Callable[[], Router],
         spool: Spool,
+        history: History | None = None,
     ) -> None:
         self._queue = queue
         self._lanes = lanes
         self._router = router  # the current one: a reload replaces it
         self._spool = spool
+        self._history = history
 
     # reading
 
@@ -137,7 +140,35 @@ class QueueService:
         return message
 
     def show(self, message_id: str) -> dict[str, Any]:
-        return self._summary(self.message(message_id), full=True)
+        """One queued message in full, with its timeline so far (oldest first)."""
+        shown = self._summary(self.message(message_id), full=True)
+        shown["timeline"] = self._history.timeline(message_id) if self._history else []
+        return shown
+
+    async def finished(self, message_id: str) -> dict[str, Any]:
+        """A finished message from history, with its whole timeline."""
+        found = await self._history.get(message_id) if self._history else None
+        if found is None:
+            raise NotFound(
+                f"no finished message with ID {message_id} in history (history.retain; "
+                "`relay queue show` has queued ones)"
+            )
+        return found
+
+    async def history(
+        self,
+        to: str | None = None,
+        sender: str | None = None,
+        within: float | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Finished messages to or from an address, finished in the last `within`
+        seconds (None: all history keeps), newest first."""
+        if to is None and sender is None:
+            raise BadRequest("say which messages: an ID, to=ADDRESS or from=ADDRESS")
+        if self._history is None:
+            return []
+        return await self._history.find(to=to, sender=sender, within=within, limit=limit)
 
     def providers(self) -> list[dict[str, Any]]:
         rows = []

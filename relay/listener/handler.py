@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from relay.config.model import Account, Config, Listener
 from relay.dkim import Signer, SigningError
 from relay.errors import SpoolError
+from relay.history.events import Arrival
 from relay.listener.fastdir import dispatch_names
 from relay.listener.headers import detect, field_names, header_block, trace_headers
 from relay.listener.policy import Client, ConnectionGate, Policy, Refusal
@@ -27,8 +28,9 @@ log = logging.getLogger("relay.listener")
 class ListenerEvents(Protocol):
     """Where the listener reports: the process that queues mail and keeps the metrics."""
 
-    def accepted(self, envelope: Envelope, body_offset: int) -> None:
-        """The message is durable; called before the client hears 250."""
+    def accepted(self, envelope: Envelope, body_offset: int, arrival: Arrival) -> None:
+        """The message is durable; called before the client hears 250. `arrival`: the
+        session's facts for the message's timeline."""
 
     def rejected(self, reason: str) -> None:
         """One refusal, by relay_messages_rejected_total's reason label."""
@@ -144,7 +146,7 @@ class SubmissionHandler:
         signed = await self._sign(account, message_id, stamped)
         if signed is None:
             return "451 4.3.0 Message could not be signed, try again later"
-        stamped = signed
+        stamped, dkim = signed
         envelope = Envelope(
             id=message_id,
             sender=transaction.sender,
@@ -173,16 +175,21 @@ class SubmissionHandler:
             len(envelope.recipients),
             transaction.client.peer_ip,
         )
-        self.events.accepted(envelope, offset)
+        client = transaction.client
+        arrival = Arrival(client.peer_ip, transaction.helo, client.tls, self.listener.name, dkim)
+        self.events.accepted(envelope, offset, arrival)
         return f"250 2.0.0 Ok: queued as {message_id}"
 
-    async def _sign(self, account: Account | None, message_id: str, message: bytes) -> bytes | None:
-        """The message as it will be stored: signed once here, after every header relay
-        adds and every line break, so each recipient and retry sends these same bytes.
-        None: it could not be signed and must not be accepted (unsigned mail from a
-        domain that publishes DMARC would be junked or refused downstream)."""
+    async def _sign(
+        self, account: Account | None, message_id: str, message: bytes
+    ) -> tuple[bytes, str | None] | None:
+        """The message as it will be stored, and the domain it is signed for: signed once
+        here, after every header relay adds and every line break, so each recipient and
+        retry sends these same bytes. None: it could not be signed and must not be
+        accepted (unsigned mail from a domain that publishes DMARC would be junked or
+        refused downstream)."""
         if account is not None and not account.dkim:
-            return message
+            return message, None
         try:
             signature = await self.signer.sign(message)
         except SigningError as exc:
@@ -193,6 +200,6 @@ class SubmissionHandler:
             )
             return None
         if signature is None:
-            return message
+            return message, None
         self.events.dkim_signed(signature.domain, "signed")
-        return signature.header + message
+        return signature.header + message, signature.domain

@@ -122,7 +122,7 @@ class ListenerProcess:
     def _dispatch(self, message: tuple[object, ...]) -> None:
         kind = message[0]
         if kind == "accepted":
-            self._events.accepted(message[1], message[2])  # type: ignore[arg-type]
+            self._events.accepted(message[1], message[2], message[3])  # type: ignore[arg-type]
         elif kind == "rejected":
             self._events.rejected(message[1])  # type: ignore[arg-type]
         elif kind == "auth_failed":

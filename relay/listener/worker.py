@@ -3,7 +3,7 @@
 The main process binds the sockets, starts this process (`python -m
 relay.listener.worker FD`, FD its end of a socketpair) and sends ("start", config,
 {listener name: [socket fds]}). From then on this process reports each durable message
-("accepted", envelope, body offset) before its client hears 250, each refusal
+("accepted", envelope, body offset, arrival) before its client hears 250, each refusal
 ("rejected", reason), each refused AUTH ("auth_failed",) and each message of a DKIM
 signing domain ("dkim_signed", domain, "signed" or "failed"); it takes ("config",
 config) on reload and ("drain", grace) at shutdown, after which it exits once its
@@ -27,6 +27,7 @@ from relay.config.model import Config
 from relay.dkim import Signer
 from relay.dns.resolver import Resolver
 from relay.errors import RelayError
+from relay.history.events import Arrival
 from relay.listener import ipc
 from relay.listener.server import Listeners
 from relay.spool.records import Envelope
@@ -44,8 +45,8 @@ class _Reporter:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
 
-    def accepted(self, envelope: Envelope, body_offset: int) -> None:
-        self._writer.write(ipc.frame("accepted", envelope, body_offset))
+    def accepted(self, envelope: Envelope, body_offset: int, arrival: Arrival) -> None:
+        self._writer.write(ipc.frame("accepted", envelope, body_offset, arrival))
 
     def rejected(self, reason: str) -> None:
         self._writer.write(ipc.frame("rejected", reason))

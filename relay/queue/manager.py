@@ -20,6 +20,8 @@ from typing import Any
 
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.config.model import Config
+from relay.history import events
+from relay.history.events import NO_RECORDER, Recorder
 from relay.metrics import Metrics
 from relay.queue.deferrals import RecentDeferrals
 from relay.queue.models import Batch, QueuedMessage, Recipient, Where
@@ -47,16 +49,18 @@ class QueueManager:
         router: Router,
         metrics: Metrics,
         clock: Clock = SYSTEM_CLOCK,
+        recorder: Recorder = NO_RECORDER,
     ) -> None:
         self.config = config
         self._spool = spool
         self._router = router
         self._clock = clock
+        self._events = recorder  # each message's timeline (relay/history)
         self.registry = Registry()
         self.stats = QueueStats()
         self.schedule = Schedule(clock)
         self.sites = SiteBackoff(clock)
-        self._outcomes = Outcomes(config, spool, self.stats, metrics, clock)
+        self._outcomes = Outcomes(config, spool, self.stats, metrics, clock, recorder)
         self.deferrals = RecentDeferrals(clock)  # the status page shows the last ones
         self._ready: dict[str, ReadyQueue] = {}
         self.opened: asyncio.Queue[ReadyQueue] = asyncio.Queue()
@@ -93,6 +97,8 @@ class QueueManager:
             self._spool.note_stored(entry.size)
             if message.done:
                 await self._spool.remove(message.id)
+                # Finished just before a stop: its history may not have been written.
+                self._events.finish(message, self._clock.time())
                 continue
             messages += 1
             recipients += sum(1 for r in message.recipients if not r.status.is_final)
@@ -145,6 +151,12 @@ class QueueManager:
             self.config, envelope.account, envelope.class_name, destination.queue.provider
         )
         destination = self._router.for_egress(destination, source.name)
+        moved = [r.address for r in recipients if r.destination != destination]
+        if moved:  # routed anew: the first time, after a restart, or the route changed
+            now = self._clock.time()
+            self._events.record(
+                message.id, events.routed(now, recipients[0].domain, moved, destination)
+            )
         for recipient in recipients:
             recipient.destination = destination
         self.place(message, recipients)
@@ -162,17 +174,25 @@ class QueueManager:
             recipients = [r for r in recipients if r.destination is not None]
         now = self._clock.time()
         ready: dict[tuple[str, str], list[Recipient]] = defaultdict(list)
+        backing: dict[str, list[str]] = defaultdict(list)  # site → its waiting recipients
         for recipient in recipients:
             destination = recipient.destination
             assert destination is not None, "placed before it was routed"
             backing_off = self.sites.until(destination.site.key)
             if backing_off is not None:
                 recipient.next_attempt = max(recipient.next_attempt, backing_off)
+                backing[destination.site.key].append(recipient.address)
             if recipient.next_attempt > now:
                 self.stats.move(message, [recipient], Where.SCHEDULED)
                 self.schedule.add(message, recipient)
             else:
                 ready[(destination.queue.key, recipient.domain)].append(recipient)
+        for site, addresses in backing.items():
+            detail = f"no host of {site} could be reached"
+            until = self.sites.until(site)
+            self._events.record(
+                message.id, events.waiting(now, "site backoff", addresses, until, detail)
+            )
         for group in ready.values():
             self._make_ready(message, group)
 
@@ -180,6 +200,14 @@ class QueueManager:
         destination = recipients[0].destination
         assert destination is not None
         queue = self.ready_queue(destination.queue)
+        suspended = queue.consumer.suspended if queue.consumer is not None else None
+        if suspended is not None:  # ready, but its lane sends nothing until resumed
+            detail = f"{destination.queue.key}: {suspended}"
+            addresses = [r.address for r in recipients]
+            self._events.record(
+                message.id,
+                events.waiting(self._clock.time(), "provider suspended", addresses, None, detail),
+            )
         self.stats.move(message, recipients, Where.READY)
         size = destination.queue.shaping.max_recipients_per_message
         for start in range(0, len(recipients), size):
@@ -210,6 +238,22 @@ class QueueManager:
     def requeue(self, message: QueuedMessage, recipients: list[Recipient]) -> None:
         """Recipients taken for an attempt that did not happen (a mailbox rate was spent):
         they wait for their `next_attempt`, with no attempt counted."""
+        now = self._clock.time()
+        later = [r for r in recipients if r.next_attempt > now]
+        if later:
+            self._events.record(
+                message.id,
+                events.waiting(
+                    now,
+                    "recipient rate",
+                    [r.address for r in later],
+                    max(r.next_attempt for r in later),
+                    "the mailbox's recipient_rate is spent",
+                ),
+            )
+        self._again(message, recipients)
+
+    def _again(self, message: QueuedMessage, recipients: list[Recipient]) -> None:
         self.stats.move(message, recipients, Where.NOWHERE)
         self.place(message, recipients)
 
@@ -217,22 +261,29 @@ class QueueManager:
 
     def take(self, batch: Batch) -> None:
         """A lane took this batch for a transaction: its recipients are active."""
+        batch.taken_at = self._clock.time()
         self.stats.move(batch.message, batch.recipients, Where.ACTIVE)
 
     async def settle(self, batch: Batch, attempts: list[Attempt], relay: str | None) -> None:
         """Record an attempt and act on it; a cancelled worker cannot lose it, and `stop`
         waits for it."""
+        provider = batch.destination.queue.provider
         task = spawn(
-            self._settle(batch.message, attempts, relay, batch.destination.queue.provider),
+            self._settle(batch.message, attempts, relay, provider, batch.taken_at),
             self._settling,
             f"settle {batch.message.id}",
         )
         await asyncio.shield(task)
 
     async def _settle(
-        self, message: QueuedMessage, attempts: list[Attempt], relay: str | None, provider: str
+        self,
+        message: QueuedMessage,
+        attempts: list[Attempt],
+        relay: str | None,
+        provider: str,
+        started: float | None = None,
     ) -> None:
-        settled = await self._outcomes.settle(message, attempts, relay, provider)
+        settled = await self._outcomes.settle(message, attempts, relay, provider, started)
         self.deferrals.record(message, settled.deferred, provider)
         self._after(message, settled)
 
@@ -242,7 +293,7 @@ class QueueManager:
         for notice in settled.notices:
             self.submit(notice)
         if settled.deferred:
-            self.requeue(message, settled.deferred)
+            self._again(message, settled.deferred)
 
     async def site_unreachable(self, ready: ReadyQueue, site: Site, reply: Reply) -> None:
         """No host of `site` could be reached: it backs off alone, and the mail waiting
@@ -291,6 +342,7 @@ class QueueManager:
             for recipient in recipients:
                 recipient.next_attempt = 0.0
             count += len(recipients)
+            self._events.record(message.id, events.admin(self._clock.time(), "flush"))
             self._route(message, recipients)
         return count
 
@@ -305,6 +357,7 @@ class QueueManager:
             waiting = [r for r in message.recipients if r.where in _WAITING]
             self.stats.move(message, waiting, Where.HELD)
             await self._spool.set_held(message.id, True)
+        self._events.record(message.id, events.admin(self._clock.time(), "hold"))
         log.info("id=%s held by the administrator", message.id)
 
     async def release(self, message: QueuedMessage) -> None:
@@ -316,6 +369,7 @@ class QueueManager:
         held = [r for r in message.recipients if r.where is Where.HELD]
         for recipient in held:
             recipient.next_attempt = 0.0
+        self._events.record(message.id, events.admin(self._clock.time(), "release"))
         self._route(message, held)
         log.info("id=%s released by the administrator", message.id)
 
@@ -327,6 +381,8 @@ class QueueManager:
         )
         await self._spool.remove(message.id)
         self.registry.remove(message.id)
+        now = self._clock.time()
+        self._events.finish(message, now, "deleted", (events.admin(now, "delete"),))
         log.info("id=%s deleted by the administrator", message.id)
 
     async def bounce(self, message: QueuedMessage) -> int:
@@ -342,6 +398,7 @@ class QueueManager:
         if not waiting:
             return 0
         self.stats.move(message, waiting, Where.ACTIVE)
+        self._events.record(message.id, events.admin(self._clock.time(), "bounce"))
         reply = Reply.local(550, "5.0.0", "message returned to sender by the administrator")
         attempts = [Attempt(r, reply, Verdict.BOUNCED) for r in waiting]
         providers = {r.destination.queue.provider for r in waiting if r.destination}

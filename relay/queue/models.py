@@ -88,6 +88,7 @@ class Batch:
     destination: Destination
     domain: str
     class_name: str = field(default="")
+    taken_at: float = 0.0  # when a lane took it (wall clock): the attempt's duration
 
     def __post_init__(self) -> None:
         if not self.class_name:

@@ -15,6 +15,8 @@ from relay.bounces.dsn import Failure, build_dsn
 from relay.clock import Clock
 from relay.config.model import Config
 from relay.errors import SpoolError
+from relay.history import events
+from relay.history.events import NO_RECORDER, Recorder
 from relay.metrics import Metrics
 from relay.queue.models import QueuedMessage, Recipient, Where
 from relay.queue.stats import QueueStats
@@ -83,18 +85,31 @@ def _relayed(attempt: Attempt, envelope: Envelope) -> bool:
 
 class Outcomes:
     def __init__(
-        self, config: Config, spool: Spool, stats: QueueStats, metrics: Metrics, clock: Clock
+        self,
+        config: Config,
+        spool: Spool,
+        stats: QueueStats,
+        metrics: Metrics,
+        clock: Clock,
+        recorder: Recorder = NO_RECORDER,
     ) -> None:
         self.config = config  # replaced on reload
         self._spool = spool
         self._stats = stats
         self._metrics = metrics
         self._clock = clock
+        self._events = recorder  # each message's timeline (relay/history)
 
     async def settle(
-        self, message: QueuedMessage, attempts: list[Attempt], relay: str | None, provider: str
+        self,
+        message: QueuedMessage,
+        attempts: list[Attempt],
+        relay: str | None,
+        provider: str,
+        started: float | None = None,
     ) -> Settled:
-        """Record one attempt's results; the caller shields this from cancellation."""
+        """Record one attempt's results; the caller shields this from cancellation.
+        `started`: when the attempt began, for its duration in the timeline."""
         envelope = message.envelope
         done = Settled()
         if message.deleted:  # an admin deleted it while this attempt was in flight
@@ -106,6 +121,7 @@ class Outcomes:
         failures: list[Failure] = []
         delays: list[Failure] = []
         relayed: list[Failure] = []
+        live = [a for a in attempts if not a.recipient.status.is_final]
         for attempt in attempts:
             recipient, reply = attempt.recipient, attempt.reply
             if recipient.status.is_final:
@@ -182,6 +198,9 @@ class Outcomes:
                 },
             )
 
+        self._events.record(
+            envelope.id, *events.attempts(now, live, relay, started, self.config.rules)
+        )
         for notices in (failures, delays, relayed):
             if not notices:
                 continue
@@ -198,6 +217,7 @@ class Outcomes:
         if message.done:
             await self._spool.remove(envelope.id)
             done.removed = True
+            self._events.finish(message, now)
         else:
             try:
                 await self._spool.record(envelope.id, _records(attempts))
@@ -238,6 +258,9 @@ class Outcomes:
         offset = await self._spool.store(dsn_envelope, dsn)
         kind = {"delayed": "delay", "relayed": "success"}.get(failures[0].action, "non-delivery")
         log.info("id=%s sender %s notification: %s", envelope.id, kind, dsn_envelope.id)
+        notified = [f.recipient.address for f in failures]
+        self._events.record(envelope.id, events.notice(now, kind, dsn_envelope.id, notified))
+        self._events.record(dsn_envelope.id, events.created(now, dsn_envelope, envelope.id, kind))
         return QueuedMessage(dsn_envelope, offset)
 
 

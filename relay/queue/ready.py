@@ -26,6 +26,11 @@ class Consumer(Protocol):
         """New work arrived."""
         ...
 
+    @property
+    def suspended(self) -> str | None:
+        """Why the consumer sends nothing now (a rule or an admin), or None."""
+        ...
+
 
 class ReadyQueue:
     def __init__(self, queue: Queue, priority: Callable[[str], int]) -> None:

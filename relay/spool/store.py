@@ -33,6 +33,7 @@ _MESSAGES = "messages"
 _QUARANTINE = "quarantine"
 _STATE_SUFFIX = ".st"
 _HOLD_SUFFIX = ".hold"
+EVENTS_SUFFIX = ".ev"  # the message's timeline (relay/history): not the spool's to remove
 _TMP_PREFIX = ".tmp-"
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
 INLINE_READ = 64 * 1024
@@ -228,6 +229,10 @@ class Spool:
     def message_path(self, message_id: str) -> str:
         return os.path.join(self._dir(message_id), message_id)
 
+    def events_path(self, message_id: str) -> str:
+        """The message's timeline, beside it (records.py has the format)."""
+        return self.message_path(message_id) + EVENTS_SUFFIX
+
     async def store(self, envelope: Envelope, message: bytes) -> int:
         """Make the message durable; return the body offset. Raises SpoolError."""
         directory = self._dir(envelope.id)
@@ -335,10 +340,14 @@ class Spool:
                         if os.stat(path).st_mtime < stale_before:
                             os.unlink(path)  # never acknowledged: the client got no 250
                     continue
-                suffix = next((s for s in (_STATE_SUFFIX, _HOLD_SUFFIX) if name.endswith(s)), "")
+                suffix = next(
+                    (s for s in (_STATE_SUFFIX, _HOLD_SUFFIX, EVENTS_SUFFIX) if name.endswith(s)),
+                    "",
+                )
                 if suffix:
                     if name[: -len(suffix)] not in names:
                         os.unlink(path)  # its message was removed; the log outlived it
+                        # (a timeline too: history imports it before, unless we crashed)
                     continue
                 try:
                     recovered = self._load(path, names)
