@@ -326,7 +326,7 @@ def test_writer_keeps_quick_messages_off_disk_and_spills_the_others(
     assert slow is not None
     assert kinds(slow["timeline"]) == ["received", "admin", "admin", "finished"]
     # Finished again (a crash cut the removal short): the first, whole record stays.
-    db.insert(connection, [(_finished("SLOW02", now + 9), [])])
+    db.insert(connection, [(_finished("SLOW02", now + 9), "[]")])
     slow = db.get(connection, "SLOW02")
     assert slow is not None and len(slow["timeline"]) == 4
     assert slow["finished"] == now + 5
@@ -337,7 +337,7 @@ def test_history_finds_by_address_any_case_and_prunes_by_age(tmp_path: Path) -> 
     db.insert(
         connection,
         [
-            (_finished(f"ID{n}", 1_700_000_000.0 + n, f"User{n % 2}@Example.test"), [])
+            (_finished(f"ID{n}", 1_700_000_000.0 + n, f"User{n % 2}@Example.test"), "[]")
             for n in range(10)
         ],
     )

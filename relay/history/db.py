@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from relay.history.events import Event, Finished
+from relay.history.events import Finished
 
 FILE = "history.sqlite"
 VERSION = 1
@@ -63,10 +63,10 @@ def connect(path: str) -> sqlite3.Connection:
     return connection
 
 
-def insert(connection: sqlite3.Connection, rows: Sequence[tuple[Finished, list[Event]]]) -> None:
-    """Finished messages with their timelines, in one transaction. A message already
-    there (finished again after a crash cut its removal short) keeps its first record,
-    whose timeline is the whole one."""
+def insert(connection: sqlite3.Connection, rows: Sequence[tuple[Finished, str]]) -> None:
+    """Finished messages with their timelines (JSON arrays), in one transaction. A
+    message already there (finished again after a crash cut its removal short) keeps
+    its first record, whose timeline is the whole one."""
     ids = [finished.id for finished, _ in rows]
     connection.execute("BEGIN")
     try:
@@ -76,7 +76,7 @@ def insert(connection: sqlite3.Connection, rows: Sequence[tuple[Finished, list[E
             marks = ",".join("?" * len(chunk))
             query = f"SELECT id FROM messages WHERE id IN ({marks})"
             known.update(found for (found,) in connection.execute(query, chunk))
-        new: dict[str, tuple[Finished, list[Event]]] = {}
+        new: dict[str, tuple[Finished, str]] = {}
         for finished, timeline in rows:
             if finished.id not in known:
                 new.setdefault(finished.id, (finished, timeline))
@@ -93,7 +93,7 @@ def insert(connection: sqlite3.Connection, rows: Sequence[tuple[Finished, list[E
                     f.received_at,
                     f.finished_at,
                     f.outcome,
-                    json.dumps(timeline, separators=(",", ":"), ensure_ascii=False),
+                    timeline,
                 )
                 for f, timeline in new.values()
             ],

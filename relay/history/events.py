@@ -37,7 +37,7 @@ from relay.delivery.classify import classify
 from relay.spool.records import RecipientStatus
 
 if TYPE_CHECKING:
-    from relay.queue.models import QueuedMessage, Recipient
+    from relay.queue.models import QueuedMessage
     from relay.queue.outcomes import Attempt
     from relay.routing.router import Destination
     from relay.spool.records import Envelope
@@ -124,8 +124,12 @@ NO_RECORDER = NoRecorder()
 # the file
 
 
+# One encoder for every event: json.dumps() with options builds a new one per call.
+ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode(event: Event) -> bytes:
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return ENCODER.encode(event).encode() + b"\n"
 
 
 def decode(raw: bytes) -> list[Event]:
@@ -263,7 +267,7 @@ def attempts(
             recipient.last_reply,
             recipient.attempts,
             recipient.next_attempt if status is RecipientStatus.DEFERRED else None,
-            hop,
+            id(hop),  # one Hop per session: identity, not its (Python-level) hash
         )
         group = groups.get(key)
         if group is None:
@@ -283,24 +287,27 @@ def attempts(
             rule = classify(reply, rules).rule
             if rule is not None:
                 matched[text] = (rule, [recipient.address])
-    events: list[Event] = [
-        {
-            "time": now,
-            "event": "attempt",
-            "recipients": addresses,
-            "attempt": count,
-            "status": _NAMES[status],
-            "reply": reply_text,
-            "mx": mx,
-            "ip": ip,
-            "relay": relay,
-            "policy": hop.policy if hop else None,
-            "tls": hop.tls if hop else None,
-            "duration": duration,
-            "next_attempt": later,
-        }
-        for (status, reply_text, count, later, hop), addresses in groups.items()
-    ]
+    hops = {id(a.hop): a.hop for a in done}
+    events: list[Event] = []
+    for (status, reply_text, count, later, hop_id), addresses in groups.items():
+        hop = hops[hop_id]
+        events.append(
+            {
+                "time": now,
+                "event": "attempt",
+                "recipients": addresses,
+                "attempt": count,
+                "status": _NAMES[status],
+                "reply": reply_text,
+                "mx": mx,
+                "ip": ip,
+                "relay": relay,
+                "policy": hop.policy if hop else None,
+                "tls": hop.tls if hop else None,
+                "duration": duration,
+                "next_attempt": later,
+            }
+        )
     for text, (rule, addresses) in matched.items():
         events.append(
             {
@@ -324,10 +331,18 @@ def finished(
     """The history record of a message that left the queue (in the writer's thread);
     `status` overrides the recipients' own (an admin's delete), and the `finished`
     event is added to `last`."""
-    recipients = tuple(_final(r, status) for r in message.recipients)
+    recipients = tuple(
+        FinalRecipient(
+            r.address,
+            _NAMES[r.status] if status is None or r.status.is_final else status,
+            r.attempts,
+            r.last_reply,
+        )
+        for r in message.recipients
+    )
     counts: dict[str, int] = {}
-    for r in recipients:
-        counts[r.status] = counts.get(r.status, 0) + 1
+    for final in recipients:
+        counts[final.status] = counts.get(final.status, 0) + 1
     outcome = next(iter(counts)) if len(counts) == 1 else "mixed"
     envelope = message.envelope
     end: Event = {"time": now, "event": "finished", "outcome": outcome, **counts}
@@ -342,14 +357,4 @@ def finished(
         outcome=outcome,
         recipients=recipients,
         last=(*last, end),
-    )
-
-
-def _final(recipient: Recipient, status: str | None) -> FinalRecipient:
-    own = _NAMES[recipient.status]
-    return FinalRecipient(
-        recipient.address,
-        own if status is None or recipient.status.is_final else status,
-        recipient.attempts,
-        recipient.last_reply,
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import os
 import sqlite3
 import threading
@@ -29,16 +30,19 @@ from collections.abc import Callable
 from typing import Any
 
 from relay.history import db
-from relay.history.events import MAX_READ, Event, Finished, decode, encode
+from relay.history.events import ENCODER, MAX_READ, Event, Finished, decode, encode
 from relay.history.events import finished as _finished
 from relay.queue.models import QueuedMessage
 
 log = logging.getLogger("relay.history")
 
-ROUND = 0.2  # seconds a round waits for more work before it writes
+ROUND = 0.5  # seconds a round waits for more work before it writes
+CHUNK = 32  # work items or messages between two chances for the event loop (below)
 SPILL_AFTER = 5.0  # seconds an event may stay in memory before it goes to its file
 MAX_BUFFERED = 100_000  # events in memory; past it, the oldest go to their files at once
 MAX_QUEUED = 200_000  # handed over and not yet taken by the thread; past it, dropped
+
+_WHEN = operator.itemgetter("time")  # every event's time is a number (decode() sees to it)
 
 # One piece of work, in the order it was handed over: events of a message, a finished
 # message, or a pruning deadline.
@@ -153,20 +157,35 @@ class Writer:
         self._idle = False
 
     def _round(self, connection: sqlite3.Connection | None, flush: bool) -> None:
-        finished: list[Finished] = []
+        handed: list[tuple[QueuedMessage, float, str | None, tuple[Event, ...]]] = []
         before: float | None = None
-        with self._lock:
-            while self._work:
-                kind, subject, events = self._work.popleft()
-                if kind == "events":
-                    self._buffer.setdefault(subject, []).extend(events)
-                    self._since.setdefault(subject, time.monotonic())
-                    self._buffered += len(events)
-                elif kind == "finished":
-                    finished.append(_finished(subject, *events))
-                else:
-                    before = subject
-            dropped, self._dropped = self._dropped, 0
+        work, buffer, since = self._work, self._buffer, self._since
+        while work:
+            now = time.monotonic()
+            with self._lock:
+                for _ in range(CHUNK):
+                    if not work:
+                        break
+                    kind, subject, events = work.popleft()
+                    if kind == "events":
+                        waiting = buffer.get(subject)
+                        if waiting is None:
+                            buffer[subject] = list(events)
+                            since[subject] = now
+                        else:
+                            waiting.extend(events)
+                        self._buffered += len(events)
+                    elif kind == "finished":
+                        handed.append((subject, *events))
+                    else:
+                        before = subject
+            _let_the_loop_run()
+        dropped, self._dropped = self._dropped, 0
+        finished = []
+        for n, (message, now, status, last) in enumerate(handed, 1):
+            finished.append(_finished(message, now, status, last))
+            if n % CHUNK == 0:
+                _let_the_loop_run()
         if dropped:
             log.warning("history writer behind: %d timeline records dropped", dropped)
         if finished:
@@ -213,13 +232,13 @@ class Writer:
                 log.warning("timeline of %s not written: %s", message_id, exc.strerror)
 
     def _import(self, connection: sqlite3.Connection | None, finished: list[Finished]) -> None:
-        rows: list[tuple[Finished, list[Event]]] = []
+        rows: list[tuple[Finished, str]] = []
         spilled = []
         for record in finished:
-            path = self._events_path(record.id)
             if not self._may_have_file(record):
                 rows.append((record, self._timeline([], record)))
                 continue
+            path = self._events_path(record.id)
             try:
                 with open(path, "rb") as handle:
                     written = decode(handle.read(MAX_READ))
@@ -230,6 +249,8 @@ class Writer:
                 log.warning("timeline of %s not readable: %s", record.id, exc.strerror)
                 written = []
             rows.append((record, self._timeline(written, record)))
+            if len(rows) % CHUNK == 0:
+                _let_the_loop_run()
         if connection is not None:
             try:
                 db.insert(connection, rows)
@@ -255,10 +276,10 @@ class Writer:
             or self._spilled_early
         )
 
-    def _timeline(self, written: list[Event], record: Finished) -> list[Event]:
+    def _timeline(self, written: list[Event], record: Finished) -> str:
         timeline = [*written, *self._take(record.id), *record.last]
-        timeline.sort(key=_when)
-        return timeline
+        timeline.sort(key=_WHEN)
+        return ENCODER.encode(timeline)
 
     def _prune(self, connection: sqlite3.Connection, before: float) -> None:
         try:
@@ -270,5 +291,10 @@ class Writer:
             log.info("history: %d messages past history.retain forgotten", removed)
 
 
-def _when(event: Event) -> float:
-    return float(event["time"])
+def _let_the_loop_run() -> None:
+    """Hand Python's lock to the event loop's thread now, if it waits for it. Without
+    this, a round's Python work (a few milliseconds under load) would hold the loop up
+    until the interpreter's switch interval forces a handover: `sleep(0)` releases the
+    lock, and the loop, which releases it at each of its own system calls, hands it back
+    within microseconds."""
+    time.sleep(0)
