@@ -23,8 +23,10 @@ from relay.config import parse_config
 from relay.errors import ConfigError
 from relay.history import db, events
 from relay.history.events import Arrival, FinalRecipient, Finished
+from relay.history.text import describe, timeline_lines
 from relay.history.writer import Writer
 from relay.queue.models import QueuedMessage
+from relay.routing.router import Destination, Queue, Site
 from relay.spool.records import Envelope, EnvelopeRecipient, RecipientStatus, encode_header
 from relay.spool.store import Spool
 from tests.relayproc import RelayProcess, make_message
@@ -397,3 +399,21 @@ def test_history_retain_is_a_duration_more_than_zero() -> None:
         "history.keep: unknown key",
         "history.retain: must be more than 0s (how long finished mail is kept)",
     ]
+
+
+def test_events_name_twenty_recipients_and_count_the_rest() -> None:
+    """A fan-out's route and waits do not repeat thousands of addresses; the terminal
+    says how many more there are, and shows an event kind it does not know as it is."""
+    config = parse_config({"defaults": {"route": "127.0.0.1:25"}})
+    destination = Destination(
+        Queue("default:x", "default", config.defaults), Site("x", ("x",)), "default"
+    )
+    addresses = [f"user{n}@example.test" for n in range(25)]
+    routed = events.routed(1.0, "example.test", addresses, destination)
+    assert routed["recipients"] == addresses[:20] and routed["more"] == 5
+    assert describe(routed).endswith("<user4@example.test> and 20 more")
+    waiting = events.waiting(2.0, "recipient rate", addresses[:2], 3.0, None)
+    assert "more" not in waiting and describe(waiting).endswith("<user1@example.test>")
+    assert describe({"time": 4.0, "event": "guard", "account": "app"}) == "account=app"
+    lines = timeline_lines([routed, waiting])
+    assert lines[0] == "timeline:" and "+   1.000s wait" in lines[2]

@@ -1,7 +1,8 @@
 """A message's timeline: what happened to it and why, one event a line.
 
 Each event is a JSON object with at least `time` (wall clock) and `event` (its kind);
-the other keys depend on the kind:
+the other keys depend on the kind (`recipients` names at most 20, and `more` counts the
+others):
 
 - `received`: `account`, `client` (its IP), `helo`, `tls` (true: the session was
   encrypted), `listener`, `sender`, `recipients` (a count), `size`, `class`, `dkim` (the
@@ -163,6 +164,17 @@ def read(path: str) -> list[Event]:
 
 # the events, as the queue records them
 
+NAMED = 20  # recipients an event names; past it, `more` counts the others
+
+
+def _named(addresses: list[str]) -> dict[str, Any]:
+    """`recipients`, and `more` when there are too many to name: a fan-out's waits and
+    routes would otherwise repeat thousands of addresses in every event (the history's
+    recipients table keeps each one's outcome)."""
+    if len(addresses) <= NAMED:
+        return {"recipients": addresses}
+    return {"recipients": addresses[:NAMED], "more": len(addresses) - NAMED}
+
 
 def received(envelope: Envelope, arrival: Arrival) -> Event:
     return {
@@ -197,7 +209,7 @@ def routed(now: float, domain: str, recipients: list[str], destination: Destinat
         "time": now,
         "event": "routed",
         "domain": domain,
-        "recipients": recipients,
+        **_named(recipients),
         "provider": destination.queue.provider,
         "queue": destination.queue.key,
         "site": destination.site.key,
@@ -214,12 +226,12 @@ def waiting(
         "reason": reason,
         "detail": detail,
         "until": until,
-        "recipients": recipients,
+        **_named(recipients),
     }
 
 
 def notice(now: float, kind: str, dsn_id: str, recipients: list[str]) -> Event:
-    return {"time": now, "event": "dsn", "kind": kind, "id": dsn_id, "recipients": recipients}
+    return {"time": now, "event": "dsn", "kind": kind, "id": dsn_id, **_named(recipients)}
 
 
 def admin(now: float, action: str) -> Event:
@@ -295,7 +307,7 @@ def attempts(
             {
                 "time": now,
                 "event": "attempt",
-                "recipients": addresses,
+                **_named(addresses),
                 "attempt": count,
                 "status": _NAMES[status],
                 "reply": reply_text,
@@ -319,7 +331,7 @@ def attempts(
                 "rate": str(rule.rate) if rule.rate else None,
                 "max_connections": rule.max_connections,
                 "reply": text,
-                "recipients": addresses,
+                **_named(addresses),
             }
         )
     return events

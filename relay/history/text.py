@@ -30,11 +30,10 @@ def _stamp(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
 
 
-def _who(addresses: list[str] | None) -> str:
-    if not addresses:
-        return ""
+def _who(e: Event) -> str:
+    addresses: list[str] = e.get("recipients") or []
     shown = ", ".join(f"<{a}>" for a in addresses[:5])
-    more = len(addresses) - 5
+    more = len(addresses) - 5 + int(e.get("more") or 0)
     return shown + (f" and {more} more" if more > 0 else "")
 
 
@@ -56,24 +55,26 @@ def _created(e: Event) -> str:
 def _routed(e: Event) -> str:
     return (
         f"{e.get('domain')} → queue {e.get('queue')} (provider {e.get('provider')}, "
-        f"site {e.get('site') or '-'}) by {e.get('reason')}: {_who(e.get('recipients'))}"
+        f"site {e.get('site') or '-'}) by {e.get('reason')}: {_who(e)}"
     )
 
 
 def _wait(e: Event) -> str:
     until = f" until {_clock(e['until'])}" if e.get("until") else ""
     detail = f" ({e['detail']})" if e.get("detail") else ""
-    return f"{e.get('reason')}{until}{detail}: {_who(e.get('recipients'))}"
+    return f"{e.get('reason')}{until}{detail}: {_who(e)}"
 
 
 def _attempt(e: Event) -> str:
     via = f" via {e['relay']}" if e.get("relay") else ""
     tls = f" tls={e.get('tls') or 'none'} policy={e['policy']}" if e.get("policy") else ""
-    took = f" in {e['duration']:.2f}s" if e.get("duration") is not None else ""
+    took = ""
+    if e.get("duration") is not None:
+        seconds = float(e["duration"])
+        took = f" in {seconds * 1000:.0f} ms" if seconds < 1 else f" in {seconds:.1f}s"
     later = f"; next attempt {_clock(e['next_attempt'])}" if e.get("next_attempt") else ""
     return (
-        f"#{e.get('attempt')} {e.get('status')}: {_who(e.get('recipients'))}{via}{tls}{took}: "
-        f"{e.get('reply')}{later}"
+        f"#{e.get('attempt')} {e.get('status')}: {_who(e)}{via}{tls}{took}: {e.get('reply')}{later}"
     )
 
 
@@ -88,7 +89,7 @@ def _rule(e: Event) -> str:
 
 
 def _dsn(e: Event) -> str:
-    about = _who(e.get("recipients"))
+    about = _who(e)
     return f"{e.get('kind')} notification {e.get('id')} queued for the sender about {about}"
 
 

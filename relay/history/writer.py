@@ -39,7 +39,7 @@ log = logging.getLogger("relay.history")
 ROUND = 0.5  # seconds a round waits for more work before it writes
 CHUNK = 32  # work items or messages between two chances for the event loop (below)
 SPILL_AFTER = 5.0  # seconds an event may stay in memory before it goes to its file
-MAX_BUFFERED = 100_000  # events in memory; past it, the oldest go to their files at once
+MAX_BUFFERED = 20_000  # events in memory (a few MiB); past it, the oldest go to their files
 MAX_QUEUED = 200_000  # handed over and not yet taken by the thread; past it, dropped
 
 _WHEN = operator.itemgetter("time")  # every event's time is a number (decode() sees to it)
@@ -66,8 +66,9 @@ class Writer:
         self._buffer: dict[str, list[Event]] = {}  # by first-buffered time, oldest first
         self._since: dict[str, float] = {}  # monotonic time of each message's first one
         self._buffered = 0
-        self._started = time.time()
-        self._spilled_early = False  # past MAX_BUFFERED once: any message may have a file
+        # Messages received before this (wall clock) may have a timeline file: those of
+        # an earlier run, and any written early because the buffer was full.
+        self._filed_before = time.time()
         self._thread = threading.Thread(target=self._run, name="relay-history", daemon=True)
 
     def start(self, db_path: str | None) -> None:
@@ -219,7 +220,7 @@ class Writer:
             if not everything and since > due:
                 if self._buffered <= MAX_BUFFERED:
                     return
-                self._spilled_early = True
+                self._filed_before = time.time()
             lines = b"".join(encode(e) for e in self._take(message_id))
             path = self._events_path(message_id)
             try:
@@ -268,12 +269,11 @@ class Writer:
 
     def _may_have_file(self, record: Finished) -> bool:
         """Whether its events may have gone to a file: it waited long enough, or came
-        before this start, or the buffer overflowed once. The others are most messages,
-        and looking for a file costs each of them a system call for nothing."""
+        before this start or before the buffer last overflowed. The others are most
+        messages, and looking for a file costs each of them a system call for nothing."""
         return (
             record.finished_at - record.received_at >= self._spill_after / 2
-            or record.received_at <= self._started
-            or self._spilled_early
+            or record.received_at <= self._filed_before
         )
 
     def _timeline(self, written: list[Event], record: Finished) -> str:
