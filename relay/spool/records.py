@@ -11,6 +11,17 @@ Recipient progress goes to a separate append-only log (`<id>.st`), one JSON obje
 line, so the body is written once however many recipients and attempts there are. A
 torn last line (crash mid-append) is ignored: the outcome it would have recorded is
 repeated, which is the at-least-once the SPEC allows for deliveries in flight.
+
+A message's timeline (relay/history) goes to a third file beside it, `<id>.ev`, once the
+message has waited a few seconds (one delivered at once never gets one): one JSON object
+a line, `{"time": <wall clock>, "event": <kind>, ...}`, appended, never rewritten; the
+kinds and their keys are listed in relay/history/events.py. Unlike the envelope and the
+progress log it is not fsync'd: it is a record for people, never read to decide what to
+deliver: a crash may cost the events of its last few seconds (until then they wait in
+the writer's memory) and a power cut its last lines (or leave a torn one, skipped when
+read), never a message. Recovery removes a timeline whose message is gone, like a progress log.
+When the message leaves the queue, its timeline is read into the history database
+(`<spool>/history.sqlite`) and the file removed.
 """
 
 from __future__ import annotations
