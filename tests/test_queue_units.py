@@ -15,8 +15,7 @@ from relay.config.model import Config
 from relay.dns.resolver import Resolver
 from relay.metrics import Metrics
 from relay.queue.manager import QueueManager
-from relay.queue.models import Batch, QueuedMessage, Where
-from relay.queue.outcomes import Attempt
+from relay.queue.models import Attempt, Batch, QueuedMessage, Where
 from relay.queue.ready import ReadyQueue
 from relay.reply import Reply, Verdict
 from relay.routing.router import Destination, Queue, Router, Site

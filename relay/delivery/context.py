@@ -10,8 +10,7 @@ from relay.clock import Clock
 from relay.config.model import Config
 from relay.delivery.connector import Connector
 from relay.metrics import Metrics
-from relay.queue.models import Batch, QueuedMessage, Recipient
-from relay.queue.outcomes import Attempt
+from relay.queue.models import Attempt, Batch, QueuedMessage, Recipient
 from relay.queue.ready import ReadyQueue
 from relay.reply import Reply, Verdict
 from relay.routing.router import Site

@@ -45,8 +45,7 @@ from relay.errors import (
     SpoolError,
     TransientDeliveryError,
 )
-from relay.queue.models import Batch, Where
-from relay.queue.outcomes import Attempt, Hop
+from relay.queue.models import Attempt, Batch, Hop, Where
 from relay.queue.ready import ReadyQueue
 from relay.reply import Reply, Verdict
 from relay.routing.router import Queue, Site

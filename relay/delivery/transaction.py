@@ -12,8 +12,7 @@ from relay.config.model import Config, Rule
 from relay.delivery.classify import classify
 from relay.delivery.client import Connection
 from relay.errors import TransientDeliveryError
-from relay.queue.models import Batch
-from relay.queue.outcomes import Attempt, Hop
+from relay.queue.models import Attempt, Batch, Hop
 from relay.reply import Reply
 
 

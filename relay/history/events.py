@@ -38,8 +38,7 @@ from relay.delivery.classify import classify
 from relay.spool.records import RecipientStatus
 
 if TYPE_CHECKING:
-    from relay.queue.models import QueuedMessage
-    from relay.queue.outcomes import Attempt
+    from relay.queue.models import Attempt, QueuedMessage
     from relay.routing.router import Destination
     from relay.spool.records import Envelope
 

@@ -24,8 +24,8 @@ from relay.history import events
 from relay.history.events import NO_RECORDER, Recorder
 from relay.metrics import Metrics
 from relay.queue.deferrals import RecentDeferrals
-from relay.queue.models import Batch, QueuedMessage, Recipient, Where
-from relay.queue.outcomes import Attempt, Outcomes, Settled
+from relay.queue.models import Attempt, Batch, QueuedMessage, Recipient, Where
+from relay.queue.outcomes import Outcomes, Settled
 from relay.queue.ready import ReadyQueue
 from relay.queue.registry import Registry
 from relay.queue.schedule import Schedule

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from relay.reply import Reply, Verdict
 from relay.routing.router import Destination
 from relay.spool.records import Envelope, EnvelopeRecipient, RecipientStatus
 
@@ -93,3 +94,21 @@ class Batch:
     def __post_init__(self) -> None:
         if not self.class_name:
             self.class_name = self.message.envelope.class_name
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """The session an attempt went over (or was refused), as the log line and a
+    `relayed` DSN need it."""
+
+    policy: str  # TLS policy that applied: none, opportunistic, required, verify, mta-sts, dane
+    tls: str | None  # the TLS version ("TLSv1.3"); None: plaintext, or no session
+    dsn: bool = True  # the next hop offered the DSN extension (RFC 3461)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    recipient: Recipient
+    reply: Reply
+    verdict: Verdict
+    hop: Hop | None = None  # None: no session was involved (DNS, site unreachable, admin)

@@ -18,7 +18,7 @@ from relay.errors import SpoolError
 from relay.history import events
 from relay.history.events import NO_RECORDER, Recorder
 from relay.metrics import Metrics
-from relay.queue.models import QueuedMessage, Recipient, Where
+from relay.queue.models import Attempt, QueuedMessage, Recipient, Where
 from relay.queue.stats import QueueStats
 from relay.reply import Reply, Verdict
 from relay.routing.retry import backoff, expired
@@ -26,24 +26,6 @@ from relay.spool.records import Envelope, EnvelopeRecipient, RecipientStatus, St
 from relay.spool.store import Spool
 
 log = logging.getLogger("relay.delivery")
-
-
-@dataclass(frozen=True, slots=True)
-class Hop:
-    """The session an attempt went over (or was refused), as the log line and a
-    `relayed` DSN need it."""
-
-    policy: str  # TLS policy that applied: none, opportunistic, required, verify, mta-sts, dane
-    tls: str | None  # the TLS version ("TLSv1.3"); None: plaintext, or no session
-    dsn: bool = True  # the next hop offered the DSN extension (RFC 3461)
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    recipient: Recipient
-    reply: Reply
-    verdict: Verdict
-    hop: Hop | None = None  # None: no session was involved (DNS, site unreachable, admin)
 
 
 @dataclass(slots=True)
