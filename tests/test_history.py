@@ -362,6 +362,28 @@ def test_history_finds_by_address_any_case_and_prunes_by_age(tmp_path: Path) -> 
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_a_long_pruning_goes_a_chunk_at_a_time_until_done(tmp_path: Path) -> None:
+    """Forgetting much history is done a transaction of PRUNE_CHUNK messages a round, so
+    new history is written between them, and it goes on by itself to the end."""
+    database = str(tmp_path / db.FILE)
+    connection = db.connect(database)
+    count = db.PRUNE_CHUNK * 2 + 100
+    db.insert(connection, [(_finished(f"OLD{n}", 1_700_000_000.0 + n), "[]") for n in range(count)])
+    db.insert(connection, [(_finished("NEW1", 1_800_000_000.0), "[]")])
+    assert db.prune(connection, 1_750_000_000.0, chunks=1) == db.PRUNE_CHUNK
+    writer = Writer(lambda message_id: str(tmp_path / message_id))
+    writer.start(database)
+    writer.prune(1_750_000_000.0)
+
+    def left() -> int:
+        return int(connection.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
+    assert wait_until(lambda: left() == 1, 10)
+    writer.close()
+    assert [m["id"] for m in db.find(connection, sender="app@example.org")] == ["NEW1"]
+    assert connection.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 1
+
+
 def test_a_newer_history_file_is_refused_not_overwritten(tmp_path: Path) -> None:
     path = str(tmp_path / db.FILE)
     raw = sqlite3.connect(path)

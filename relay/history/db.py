@@ -130,10 +130,13 @@ def _insert_rows(connection: sqlite3.Connection, table: str, rows: list[tuple[An
         )
 
 
-def prune(connection: sqlite3.Connection, before: float) -> int:
-    """Forget messages finished before `before`, a chunk per transaction; how many."""
+def prune(connection: sqlite3.Connection, before: float, chunks: int | None = None) -> int:
+    """Forget messages finished before `before`, a chunk per transaction, at most
+    `chunks` of them (None: all); how many were forgotten."""
     removed = 0
-    while True:
+    while chunks is None or chunks > 0:
+        if chunks is not None:
+            chunks -= 1
         connection.execute("BEGIN")
         try:
             ids = [
@@ -154,7 +157,8 @@ def prune(connection: sqlite3.Connection, before: float) -> int:
             raise
         removed += len(ids)
         if len(ids) < PRUNE_CHUNK:
-            return removed
+            break
+    return removed
 
 
 _COLUMNS = "id, sender, account, class, size, received_at, finished_at, outcome"

@@ -40,7 +40,7 @@ ROUND = 0.5  # seconds a round waits for more work before it writes
 CHUNK = 32  # work items or messages between two chances for the event loop (below)
 SPILL_AFTER = 5.0  # seconds an event may stay in memory before it goes to its file
 MAX_BUFFERED = 20_000  # events in memory (a few MiB); past it, the oldest go to their files
-MAX_QUEUED = 200_000  # handed over and not yet taken by the thread; past it, dropped
+MAX_QUEUED = 50_000  # handed over and not yet taken by the thread; past it, dropped
 
 _WHEN = operator.itemgetter("time")  # every event's time is a number (decode() sees to it)
 
@@ -66,6 +66,8 @@ class Writer:
         self._buffer: dict[str, list[Event]] = {}  # by first-buffered time, oldest first
         self._since: dict[str, float] = {}  # monotonic time of each message's first one
         self._buffered = 0
+        self._prune_before: float | None = None  # a pruning under way, a chunk a round
+        self._pruned = 0
         # Messages received before this (wall clock) may have a timeline file: those of
         # an earlier run, and any written early because the buffer was full.
         self._filed_before = time.time()
@@ -80,7 +82,7 @@ class Writer:
     # from the event loop (a Recorder): an append and, when the thread sleeps, a wake-up
 
     def record(self, message_id: str, *events: Event) -> None:
-        if len(self._work) >= MAX_QUEUED:
+        if len(self._work) >= MAX_QUEUED:  # behind, or stopped by a fault
             self._dropped += 1
             return
         self._work.append(("events", message_id, events))
@@ -139,16 +141,18 @@ class Writer:
                 if closing and not self._work:
                     return
         except Exception:
-            # A bug here must not pass silently: the log says so, and mail flows on.
+            # A bug here must not pass silently: the log says so, and mail flows on. What
+            # is handed over from now on stays under MAX_QUEUED, then is dropped.
             log.exception("history writer stopped; timelines and history are no longer kept")
         finally:
             if connection is not None:
                 connection.close()
 
     def _sleep(self) -> None:
-        """Until there is work, or the oldest buffered event is due for its file."""
+        """Until there is work, or the oldest buffered event is due for its file (or at
+        once while a pruning goes on)."""
         self._idle = True
-        if not self._work and not self._closing:
+        if not self._work and not self._closing and self._prune_before is None:
             oldest = next(iter(self._since.values()), None)
             timeout = (
                 None if oldest is None else max(0.0, oldest + self._spill_after - time.monotonic())
@@ -192,8 +196,10 @@ class Writer:
         if finished:
             self._import(connection, finished)
         self._spill(flush)
-        if before is not None and connection is not None:
-            self._prune(connection, before)
+        if before is not None:
+            self._prune_before = before
+        if self._prune_before is not None and connection is not None:
+            self._prune(connection, self._prune_before)
 
     def _connect(self) -> sqlite3.Connection | None:
         if self._db_path is None:
@@ -282,13 +288,19 @@ class Writer:
         return ENCODER.encode(timeline)
 
     def _prune(self, connection: sqlite3.Connection, before: float) -> None:
+        """One chunk a round: forgetting a week of a busy relay's history takes many, and
+        new history keeps being written meanwhile."""
         try:
-            removed = db.prune(connection, before)
+            removed = db.prune(connection, before, chunks=1)
         except sqlite3.Error as exc:
             log.error("history not pruned: %s", exc)
+            self._prune_before = None
             return
-        if removed:
-            log.info("history: %d messages past history.retain forgotten", removed)
+        self._pruned += removed
+        if removed < db.PRUNE_CHUNK:
+            if self._pruned:
+                log.info("history: %d messages past history.retain forgotten", self._pruned)
+            self._prune_before, self._pruned = None, 0
 
 
 def _let_the_loop_run() -> None:
