@@ -29,6 +29,7 @@ import aiohttp.abc
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.dns.resolver import Resolver
 from relay.errors import DnsError
+from relay.statefile import StateFile
 from relay.tasks import spawn
 
 log = logging.getLogger("relay.delivery")
@@ -164,7 +165,10 @@ class MtaSts:
         context: ssl.SSLContext,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self._path = os.path.join(spool_path, "state", "mta-sts.json")
+        self._file = StateFile(
+            os.path.join(spool_path, "state", "mta-sts.json"), "MTA-STS policies"
+        )
+        self._path = self._file.path
         self.resolver = resolver
         self.context = context  # verifies the policy host's certificate (RFC 8461 §3.3)
         self._clock = clock
@@ -172,8 +176,6 @@ class MtaSts:
         self._checked: OrderedDict[str, float] = OrderedDict()  # domain → next TXT check
         self._pending: dict[str, asyncio.Task[StsPolicy | None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._writes: set[asyncio.Task[None]] = set()
-        self._lock = asyncio.Lock()
         self._load()
 
     def _load(self) -> None:
@@ -282,21 +284,10 @@ class MtaSts:
     # the cache on disk
 
     def _save(self) -> None:
-        snapshot = {domain: _entry(policy) for domain, policy in self._policies.items()}
-        task = asyncio.get_running_loop().create_task(self._write(snapshot))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _write(self, snapshot: dict[str, dict[str, Any]]) -> None:
-        async with self._lock:  # writes land in the order the changes were made
-            try:
-                await asyncio.to_thread(_write_atomically, self._path, snapshot)
-            except OSError as exc:
-                log.error("cannot save MTA-STS policies to %s: %s", self._path, exc)
+        self._file.save({domain: _entry(policy) for domain, policy in self._policies.items()})
 
     async def flush(self) -> None:
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        await self._file.flush()
 
 
 def _entry(policy: StsPolicy) -> dict[str, Any]:
@@ -304,19 +295,3 @@ def _entry(policy: StsPolicy) -> dict[str, Any]:
     del entry["domain"]
     entry["mx"] = list(policy.mx)
     return entry
-
-
-def _write_atomically(path: str, data: dict[str, dict[str, Any]]) -> None:
-    """As relay/shaping/suspensions.py writes its file: a crash leaves the old or the new."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(tmp, path)
-    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -7,12 +7,13 @@ each change; changes are rare, so the whole file is small and cheap to rewrite.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
+
+from relay.statefile import StateFile
 
 log = logging.getLogger("relay.shaping")
 
@@ -25,10 +26,9 @@ class Suspension:
 
 class Suspensions:
     def __init__(self, spool_path: str) -> None:
-        self._path = os.path.join(spool_path, "state", "suspensions.json")
+        self._file = StateFile(os.path.join(spool_path, "state", "suspensions.json"), "suspensions")
+        self._path = self._file.path
         self._entries: dict[str, Suspension] = {}
-        self._writes: set[asyncio.Task[None]] = set()
-        self._lock = asyncio.Lock()
 
     def load(self) -> dict[str, Suspension]:
         try:
@@ -62,33 +62,9 @@ class Suspensions:
             self._save()
 
     def _save(self) -> None:
-        snapshot = {k: {"until": v.until, "reason": v.reason} for k, v in self._entries.items()}
-        task = asyncio.get_running_loop().create_task(self._write(snapshot))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _write(self, snapshot: dict[str, dict[str, object]]) -> None:
-        async with self._lock:  # writes land in the order the changes were made
-            try:
-                await asyncio.to_thread(_write_atomically, self._path, snapshot)
-            except OSError as exc:
-                log.error("cannot save suspensions to %s: %s", self._path, exc)
+        self._file.save(
+            {k: {"until": v.until, "reason": v.reason} for k, v in self._entries.items()}
+        )
 
     async def flush(self) -> None:
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
-
-
-def _write_atomically(path: str, data: dict[str, dict[str, object]]) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(tmp, path)
-    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        await self._file.flush()
