@@ -401,13 +401,10 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     else:
         root.get("default_egress", egress_name, None)  # named without sources: an error
         default_egress = "default"
+        bind = delivery.source_address
+        v6 = bind is not None and ":" in bind
         egress = {
-            "default": m.Egress(
-                "default",
-                delivery.source_address if ":" not in (delivery.source_address or "") else None,
-                delivery.source_address if ":" in (delivery.source_address or "") else None,
-                hostname,
-            )
+            "default": m.Egress("default", None if v6 else bind, bind if v6 else None, hostname)
         }
 
     # `tls: dane` defers every domain without validated TLSA; without DNSSEC nothing is
@@ -509,7 +506,7 @@ def _egress(node: _Node, problems: _Problems) -> dict[str, m.Egress]:
     for name, body in node.data.items():
         snode = _Node(body, node.key(str(name)), problems)
         raw = snode.get("source_address", v.string_list, ())
-        ipv4 = ipv6 = None
+        by_version: dict[int, str] = {}
         for address in raw:
             try:
                 parsed = ipaddress.ip_address(address)
@@ -518,19 +515,16 @@ def _egress(node: _Node, problems: _Problems) -> dict[str, m.Egress]:
                     snode.key("source_address"), f"expected an IP address, got {address!r}"
                 )
                 continue
-            if parsed.version == 6:
-                if ipv6 is not None:
-                    problems.add(snode.key("source_address"), "at most one IPv6 address")
-                ipv6 = str(parsed)
-            else:
-                if ipv4 is not None:
-                    problems.add(snode.key("source_address"), "at most one IPv4 address")
-                ipv4 = str(parsed)
+            if parsed.version in by_version:
+                problems.add(
+                    snode.key("source_address"), f"at most one IPv{parsed.version} address"
+                )
+            by_version[parsed.version] = str(parsed)
         if not raw:
             problems.add(
                 snode.key("source_address"), "is required (an IPv4 and/or an IPv6 address)"
             )
         ehlo = snode.get("ehlo", v.hostname, _MISSING)
         snode.finish()
-        sources[str(name)] = m.Egress(str(name), ipv4, ipv6, ehlo or "")
+        sources[str(name)] = m.Egress(str(name), by_version.get(4), by_version.get(6), ehlo or "")
     return sources
