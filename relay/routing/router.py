@@ -77,6 +77,7 @@ class Router:
         self._cache_entries = cache_entries
         self._cache: OrderedDict[str, tuple[float, Destination]] = OrderedDict()
         self._by_mx = [p for p in config.providers if p.mx]
+        self._named = {p.name: p for p in config.providers}
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -161,7 +162,7 @@ class Router:
         if not self._config.egress_named:
             return destination
         queue, site = destination.queue, destination.site
-        shared = any(p.name == queue.provider and p.shared_limits for p in self._config.providers)
+        shared = self._shared(queue.provider)
         if shared:
             queue = Queue(queue.key, queue.provider, queue.shaping, "shared")
         else:
@@ -170,6 +171,10 @@ class Router:
         # address and take the other's, so backoff and connections are per source too.
         site = Site(f"{source}|{site.key}", site.hosts, source)
         return Destination(queue, site, destination.reason)
+
+    def _shared(self, provider: str) -> bool:
+        named = self._named.get(provider)
+        return named is not None and named.shared_limits
 
     def providers(self) -> list[str]:
         return [p.name for p in self._config.providers]
@@ -182,11 +187,11 @@ class Router:
         if at and source not in self._config.egress:
             return None
         egress = source or ("shared" if self._config.egress_named else "default")
-        for provider in self._config.providers:
-            if provider.name == name:
-                if self._config.egress_named and (not at) != provider.shared_limits:
-                    return None  # per source (`orange@lists`), or one shared queue
-                return Queue(key, provider.name, provider.shaping, egress)
+        provider = self._named.get(name)
+        if provider is not None:
+            if self._config.egress_named and (not at) != provider.shared_limits:
+                return None  # per source (`orange@lists`), or one shared queue
+            return Queue(key, provider.name, provider.shaping, egress)
         prefix, _, site = name.partition(":")
         if prefix == DEFAULT_PROVIDER and site:
             return Queue(key, DEFAULT_PROVIDER, self._config.defaults, egress)
@@ -194,8 +199,6 @@ class Router:
 
     def queues_of(self, provider: str) -> list[str]:
         """The queue keys of a provider: one, or one per source."""
-        if not self._config.egress_named or any(
-            p.name == provider and p.shared_limits for p in self._config.providers
-        ):
+        if not self._config.egress_named or self._shared(provider):
             return [provider]
         return [f"{provider}@{source}" for source in self._config.egress]
