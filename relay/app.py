@@ -91,6 +91,7 @@ class Relay:
                 lambda: (self.spool.messages, self.spool.bytes, self.spool.quarantined),
                 lambda: len(self.router),
                 lambda: list(self.config.egress),
+                lambda: self.router.provider_queues(),
             )
         )
         for name in [p.name for p in config.providers] + ["default"]:

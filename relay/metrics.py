@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from relay.queue.models import Where
 from relay.queue.stats import QueueStats
 from relay.routing.router import Queue
+from relay.shaping.shaper import Limit, configured_limits
 
 STATES = ("ready", "active", "deferred", "held")
 _STATE = {
@@ -34,6 +35,8 @@ REJECT_REASONS = ("auth", "sender", "rate", "size", "recipients", "storage", "sy
 
 class LaneView(Protocol):
     queue: Queue
+
+    def limits(self) -> list[Limit]: ...
 
     @property
     def suspended(self) -> str | None: ...
@@ -118,8 +121,11 @@ class StateCollector(Collector):
         spool: Callable[[], tuple[int, int, int]],
         routes: Callable[[], int],
         egress: Callable[[], list[str]],
+        provider_queues: Callable[[], list[Queue]] = list,
     ) -> None:
+        """`provider_queues`: every configured provider's queues, lanes running or not."""
         self._egress = egress
+        self._provider_queues = provider_queues
         self._stats = stats
         self._lanes = lanes
         self._providers = providers
@@ -177,6 +183,7 @@ class StateCollector(Collector):
         for (provider, egress), value in sorted(suspended.items()):
             family.add_metric([provider, egress], value)
         yield family
+        yield self._limits()
         yield GaugeMetricFamily(
             "relay_routing_cache_entries", "Domains whose route is cached", value=self._routes()
         )
@@ -188,3 +195,28 @@ class StateCollector(Collector):
             "Damaged spool entries moved aside at startup",
             value=quarantined,
         )
+
+    def _limits(self) -> Metric:
+        """Per provider queue: configured limits, or those of its lane while it runs
+        (adaptive, throttled, slow start). Site lanes are many and short-lived; their
+        limits are the defaults'."""
+        limits = {
+            (queue.provider, queue.egress): configured_limits(queue.shaping)
+            for queue in self._provider_queues()
+        }
+        for lane in self._lanes():
+            if lane.queue.provider != "default":
+                limits[(lane.queue.provider, lane.queue.egress)] = lane.limits()
+        family = GaugeMetricFamily(
+            "relay_provider_limit",
+            "The limit in force now: max_connections, or rate in messages per second",
+            labels=["provider", "egress", "limit"],
+        )
+        for (provider, egress), values in sorted(limits.items()):
+            for limit in values:
+                value = limit.value
+                if isinstance(value, int):
+                    family.add_metric([provider, egress, limit.name], value)
+                elif value is not None:
+                    family.add_metric([provider, egress, limit.name], value.per_second)
+        return family

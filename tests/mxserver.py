@@ -60,6 +60,12 @@ class MxServer:
         self.rcpt_hook: Callable[[str], str | None] = lambda address: None
         self.data_hook: Callable[[Received], str | None] = lambda message: None
         self.greeting: str | None = None  # e.g. "421 4.3.2 busy": refuse at connect
+        # Refuse a connection at connect with `crowd_reply` while more than `crowd_limit`
+        # are open, as Postfix's smtpd_client_connection_count_limit does; `crowded` holds
+        # the time of each refusal.
+        self.crowd_limit: int | None = None
+        self.crowd_reply = "421 4.7.0 Trop de connexions"
+        self.crowded: list[float] = []
         self.smtputf8 = True  # False: SMTPUTF8 is not offered (RFC 6531)
         self.refuse_peer: dict[str, str] = {}  # client address → reply to each RCPT
         self.open_by_peer: dict[str, int] = {}
@@ -229,8 +235,14 @@ class _Protocol(SMTP):
         if self.transport is None:
             peer = transport.get_extra_info("peername")
             self.mx._opened(self.conn, peer[0] if peer else "")
-        if self.mx.greeting and self.transport is None:
-            transport.write(self.mx.greeting.encode() + b"\r\n")
+        refusal = self.mx.greeting
+        limit = self.mx.crowd_limit
+        if self.transport is None and limit is not None and self.mx.open > limit:
+            refusal = self.mx.crowd_reply
+            with self.mx.farm.cond:
+                self.mx.crowded.append(time.monotonic())
+        if refusal and self.transport is None:
+            transport.write(refusal.encode() + b"\r\n")
             transport.close()
             self.mx._closed(self.conn)
             self._refused = True

@@ -138,6 +138,21 @@ class RelayProcess:
         sent.update(headers or {})
         return http_call(self.admin_port, method, path, sent, data)
 
+    def cli(self, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+        """The CLI as an operator runs it against this daemon: `--token` when given,
+        else nothing in the environment (it finds the token as SPEC §12 says)."""
+        env = environ_without_proxy()
+        env.pop("RELAY_ADMIN_TOKEN", None)
+        extra = ["--token", token] if token else []
+        return subprocess.run(
+            [sys.executable, "-m", "relay", *args, "-c", str(self.config_path), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=self.workdir,
+        )
+
     def spool_files(self) -> list[str]:
         """Messages and their progress logs; not their timelines (`.ev`, relay/history),
         which are a record for people, removed once history has them."""

@@ -31,7 +31,7 @@ from relay.admin.service import BadRequest, NotFound
 from relay.admin.token import ensure_token
 from relay.config.checks import EXAMPLE_PASSWORD_HASH
 from relay.config.model import Admin, Secret
-from tests.relayproc import RelayProcess, environ_without_proxy, free_port, http_call
+from tests.relayproc import RelayProcess, free_port, http_call
 
 ROOT = Path(__file__).resolve().parent.parent
 TWO_PROVIDERS = {"p": {"domains": ["p.test"]}, "q": {"domains": ["q.test"]}}
@@ -39,16 +39,7 @@ TWO_PROVIDERS = {"p": {"domains": ["p.test"]}, "q": {"domains": ["q.test"]}}
 
 def cli(relay: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
     """The CLI as an operator runs it: no --token, nothing in the environment."""
-    env = environ_without_proxy()
-    env.pop("RELAY_ADMIN_TOKEN", None)
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args, "-c", str(relay.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=relay.workdir,
-    )
+    return relay.cli(*args)
 
 
 def saved_suspensions(relay: RelayProcess, timeout: float = 10) -> list[str]:

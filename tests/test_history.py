@@ -11,7 +11,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,7 @@ TOKEN = "history-test-token"
 
 
 def cli(relay: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args, "-c", str(relay.config_path), "--token", TOKEN],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return relay.cli(*args, token=TOKEN)
 
 
 def api(relay: RelayProcess, path: str) -> tuple[int, Any]:

@@ -8,7 +8,6 @@ import signal
 import smtplib
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -22,13 +21,7 @@ TOKEN = "test-admin-token"
 
 
 def cli(relay, *args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
-    extra = ["--token", token] if token else []
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args, "-c", str(relay.config_path), *extra],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return relay.cli(*args, token=token)
 
 
 def api(relay, method: str, path: str, token: str | None = TOKEN, body=None):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
 from relay.admin.client import AdminClient, AdminError, endpoint_from_config
+from relay.admin.explain import limit_phrase, local_clock, span
 from relay.history.text import finished_lines, history_table, timeline_lines
+from relay.shaping.adaptive import CLEAN_STEP
 
 
 def _client(args: argparse.Namespace, config_path: str) -> AdminClient:
@@ -146,6 +149,36 @@ def cmd_history(args: argparse.Namespace, config_path: str) -> int:
     return 0
 
 
+def provider_lines(shown: dict[str, Any], now: float | None = None) -> list[str]:
+    """Each queue of a provider, its state, and each limit in force with its cause."""
+    now = time.time() if now is None else now
+    lines = []
+    for queue in shown["queues"]:
+        if queue["suspended"]:
+            until = queue["suspended_until"]
+            left = f" until {local_clock(until)} ({span(until - now)} left)" if until else ""
+            state = f"suspended{left}: {queue['suspended']}"
+        else:
+            state = "active"
+        open_now = queue["connections"]
+        lines.append(
+            f"{queue['queue']} (egress {queue['egress']}): {state}; "
+            f"{open_now} connection{'' if open_now == 1 else 's'} open"
+        )
+        for limit in queue["limits"]:
+            lines.append("  " + limit_phrase(limit, now))
+        if not queue["adaptive"]:
+            lines.append("  adaptive limits: off")
+        elif any(limit["why"] == "adaptive" for limit in queue["limits"]):
+            lines.append(
+                f"  adaptive limits: {queue['clean_transactions']} of {CLEAN_STEP} clean "
+                "transactions toward the next step back up"
+            )
+        else:
+            lines.append("  adaptive limits: on, nothing cut")
+    return lines
+
+
 def cmd_provider(args: argparse.Namespace, config_path: str) -> int:
     client = _client(args, config_path)
     if args.provider_action == "list":
@@ -162,6 +195,9 @@ def cmd_provider(args: argparse.Namespace, config_path: str) -> int:
                 f"{row['queue']:32s} {state:40s} batches={row['pending_batches']} "
                 f"max_connections={row['max_connections']}"
             )
+    elif args.provider_action == "show":
+        shown = client.call("GET", f"/api/providers/{urllib.parse.quote(args.name, safe='')}")
+        print(json.dumps(shown, indent=2) if args.json else "\n".join(provider_lines(shown)))
     elif args.provider_action == "suspend":
         client.call("POST", f"/api/providers/{args.name}/suspend", body={"for": args.duration})
         print(f"{args.name}: suspended for {args.duration}")
@@ -227,10 +263,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     history.add_argument("--json", action="store_true")
     history.set_defaults(func=cmd_history)
 
-    provider = sub.add_parser("provider", help="suspend or resume delivery to a provider")
+    provider = sub.add_parser(
+        "provider", help="see a provider's limits; suspend or resume delivery to it"
+    )
     psub = provider.add_subparsers(dest="provider_action", required=True)
     plist = psub.add_parser("list", parents=[common], help="queues with their state")
     plist.add_argument("--json", action="store_true")
+    pshow = psub.add_parser(
+        "show", parents=[common], help="every limit in force on a provider, and why"
+    )
+    pshow.add_argument("name", help="provider name, <provider>@<source> or default:<site>")
+    pshow.add_argument("--json", action="store_true")
     suspend = psub.add_parser("suspend", parents=[common])
     suspend.add_argument("name", help='provider name, or "default:<domain>"')
     suspend.add_argument("--for", dest="duration", required=True, help='e.g. "1h"')

@@ -333,6 +333,9 @@ def build_app(
     async def providers(_: web.Request) -> web.Response:
         return web.json_response({"providers": service.providers()})
 
+    async def provider_show(request: web.Request) -> web.Response:
+        return web.json_response(service.provider(request.match_info["name"]))
+
     async def provider_action(request: web.Request) -> web.Response:
         name, action = request.match_info["name"], request.match_info["action"]
         if action == "suspend":
@@ -368,6 +371,7 @@ def build_app(
     app.router.add_delete("/api/queue/{id}", message_delete)
     app.router.add_post("/api/queue/{id}/{action}", message_action)
     app.router.add_get("/api/providers", providers)
+    app.router.add_get("/api/providers/{name}", provider_show)
     app.router.add_post("/api/providers/{name}/{action}", provider_action)
     app.router.add_post("/api/reload", reload_config)
     if status is not None:

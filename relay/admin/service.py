@@ -8,12 +8,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from relay.admin.explain import limit_json
 from relay.delivery.dispatcher import Dispatcher
 from relay.delivery.lane import Lane
 from relay.history import History
 from relay.queue.manager import QueueManager
 from relay.queue.models import QueuedMessage, Recipient, Where
 from relay.routing.router import DEFAULT_PROVIDER, Router
+from relay.shaping.shaper import configured_limits
 from relay.spool.store import Spool
 
 log = logging.getLogger("relay.admin")
@@ -188,6 +190,43 @@ class QueueService:
             )
         return rows
 
+    def provider(self, name: str) -> dict[str, Any]:
+        """Every limit in force on a provider's queues (one per egress source), and why
+        (`relay provider show`)."""
+        router = self._router()
+        keys = router.queues_of(name) if name in router.providers() else [name]
+        queues = []
+        for key in keys:
+            lane = self._lanes.lanes.get(key)
+            queue = lane.queue if lane is not None else router.queue(key)
+            if queue is None:
+                continue
+            limits = lane.limits() if lane is not None else configured_limits(queue.shaping)
+            adaptive = lane.shaper.adaptive if lane is not None else None
+            queues.append(
+                {
+                    "queue": key,
+                    "provider": queue.provider,
+                    "egress": queue.egress,
+                    "suspended": lane.suspended if lane is not None else None,
+                    "suspended_until": lane.suspended_until if lane is not None else None,
+                    "connections": lane.connections if lane is not None else 0,
+                    "adaptive": queue.shaping.adaptive,
+                    "clean_transactions": adaptive.clean if adaptive and adaptive.narrowed else 0,
+                    "limits": [limit_json(limit) for limit in limits],
+                }
+            )
+        if not queues:
+            raise self._unknown(name)
+        return {"provider": name, "queues": queues}
+
+    def _unknown(self, name: str) -> NotFound:
+        providers = ", ".join(sorted(self._router().providers()))
+        return NotFound(
+            f"no provider {name!r} (providers: {providers}; with egress sources also "
+            "<provider>@<source>; a default:<site> queue exists only while it holds mail)"
+        )
+
     # acting
 
     def flush(self, provider: str | None = None, message_id: str | None = None) -> int:
@@ -245,11 +284,7 @@ class QueueService:
                 lane = self._lanes.lane(self._queue.ready_queue(queue))
             found.append(lane)
         if not found:
-            providers = ", ".join(sorted(router.providers()))
-            raise NotFound(
-                f"no provider {name!r} (providers: {providers}; with egress sources also "
-                "<provider>@<source>; a default:<site> queue exists only while it holds mail)"
-            )
+            raise self._unknown(name)
         return found
 
     def suspend(self, name: str, seconds: float) -> None:

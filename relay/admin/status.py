@@ -36,12 +36,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
+from relay.admin.explain import limit_json, limit_phrase, span
 from relay.admin.service import NotFound
 from relay.clock import Clock
 from relay.config.model import Config, Shaping
 from relay.delivery.lane import Lane
 from relay.queue.deferrals import RecentDeferrals
 from relay.routing.router import DEFAULT_PROVIDER
+from relay.shaping.shaper import Limit
 from relay.shaping.suspensions import Suspensions
 
 log = logging.getLogger("relay.admin")
@@ -112,18 +114,6 @@ def _when(timestamp: float, now: float | None = None) -> str:
     if now is not None and moment[:3] == time.gmtime(now)[:3]:
         return time.strftime("%H:%M:%SZ", moment)
     return time.strftime("%Y-%m-%d %H:%M:%SZ", moment)
-
-
-def _span(seconds: float) -> str:
-    """ "2d 3h", "59m 58s": two units are enough to read at a glance."""
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
-    while len(parts) > 1 and parts[0][0] == 0:
-        parts.pop(0)
-    return " ".join(f"{n}{unit}" for n, unit in parts[:2])
 
 
 def _detail(key: str, value: object) -> str:
@@ -259,7 +249,7 @@ class StatusPage:
                 rows.append(
                     [_e(provider), _e(class_name)]
                     + [f"{int(counts.get(state, 0)):,}" for state in STATES]
-                    + [_span(age) if age else ""]
+                    + [span(age) if age else ""]
                 )
         head = ["provider", "class", *STATES, "oldest"]
         return "<h2>Queues</h2>" + _table(head, rows, numeric=range(2, 7))
@@ -271,15 +261,18 @@ class StatusPage:
             if reason is None:
                 continue
             saved = self._suspensions.get(lane.key)
-            left = _span(saved.until - now) if saved is not None else ""
+            left = span(saved.until - now) if saved is not None else ""
             rows.append([_e(lane.key), "<span class=bad>suspended</span>", _e(reason), left])
         for lane in lanes:
-            now_max, configured = lane.shaper.max_connections(), lane.shaping.max_connections
-            if lane.suspended is None and now_max < configured:
-                # A throttle rule or the slow start after a pause narrows the lane; the
-                # shaper does not yet say which, nor until when.
-                what = f"max_connections {now_max} of {configured}"
-                rows.append([_e(lane.key), "<span class=warn>throttled</span>", _e(what), ""])
+            if lane.suspended is not None:
+                continue
+            for limit in map(limit_json, lane.limits()):
+                if limit["why"] == "configured":
+                    continue
+                left = span(limit["until"] - now) if limit["until"] is not None else ""
+                what = limit_phrase(limit, now, _when)
+                state = "<span class=warn>throttled</span>"
+                rows.append([_e(lane.key), state, _e(what), left])
         if not rows:
             return "<h2>Suspensions and throttles</h2><p class=muted>none</p>"
         head = ["queue", "state", "reason", "time left"]
@@ -292,14 +285,13 @@ class StatusPage:
             if provider.name not in live and not any(
                 lane.queue.provider == provider.name for lane in lanes
             ):
-                rows.append(self._limit_row(provider.name, provider.shaping, None, None))
+                rows.append(self._limit_row(provider.name, provider.shaping, None, None, None))
         shown = [lane for lane in lanes if lane.queue.provider != DEFAULT_PROVIDER]
         shown += [lane for lane in lanes if lane.queue.provider == DEFAULT_PROVIDER]
         for lane in shown[:MAX_LANES]:
+            connections, rate = lane.limits()
             rows.append(
-                self._limit_row(
-                    lane.key, lane.shaping, lane.shaper.max_connections(), lane.connections
-                )
+                self._limit_row(lane.key, lane.shaping, connections, rate, lane.connections)
             )
         rows.sort(key=lambda row: row[0])
         more = len(shown) - MAX_LANES
@@ -314,15 +306,23 @@ class StatusPage:
 
     @staticmethod
     def _limit_row(
-        key: str, shaping: Shaping, now_max: int | None, open_now: int | None
+        key: str,
+        shaping: Shaping,
+        connections: Limit | None,
+        rate: Limit | None,
+        open_now: int | None,
     ) -> list[str]:
         configured = shaping.max_connections
-        current = configured if now_max is None else now_max
+        current = configured if connections is None else connections.value
         cell = f"{current} / {configured}"
-        if current < configured:
-            cell = f"<span class=warn>{cell}</span>"
-        rate = _e(shaping.rate or "unlimited")
-        return [_e(key), "0" if open_now is None else str(open_now), cell, rate]
+        if connections is not None and connections.why != "configured":
+            cell = f"<span class=warn>{cell} ({_e(connections.why)})</span>"
+        value = rate.value if rate is not None else shaping.rate
+        rate_now = _e(value or "unlimited")
+        if rate is not None and rate.why != "configured":
+            configured_rate = _e(shaping.rate or "unlimited")
+            rate_now = f"<span class=warn>{rate_now} of {configured_rate} ({_e(rate.why)})</span>"
+        return [_e(key), "0" if open_now is None else str(open_now), cell, rate_now]
 
     def _accounts(self, families: dict[str, Metric]) -> str:
         # Read from the account guard's gauge (SPEC §12), so the page and alerts agree. While

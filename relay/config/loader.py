@@ -167,6 +167,7 @@ def _shaping(node: _Node, base: m.Shaping | None, delivery_tls: str) -> m.Shapin
             inherit("tls", delivery_tls),
         ),
         rules=_rules(node, "rules"),
+        adaptive=node.get("adaptive", v.boolean, inherit("adaptive", True)),
     )
 
 

@@ -169,6 +169,7 @@ class Shaping:
     route: tuple[str, int] | None
     tls: DeliveryTls
     rules: tuple[Rule, ...]
+    adaptive: bool = True  # a throttle-kind reply halves the limits (SPEC §12)
 
 
 @dataclass(frozen=True)

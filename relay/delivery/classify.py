@@ -5,6 +5,7 @@ Rules first (provider's own, then global), then the reply code (SPEC §5).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from relay.config.model import Rule
@@ -27,3 +28,20 @@ def classify(reply: Reply, rules: tuple[Rule, ...]) -> Classification:
                 # retry, suspend and throttle all keep the mail for a later attempt
                 return Classification(Verdict.DEFERRED, rule)
     return Classification(reply.default_verdict())
+
+
+# "421 ... too many connections" in the words receivers use (Postfix's
+# smtpd_client_connection_count_limit, Exim, Sendmail, Orange's "Trop de connexions").
+_TOO_MANY = re.compile(
+    r"too many (?:\w+ ){0,2}(?:connections|sessions)"
+    r"|trop de connexions|connection (?:count )?limit|concurrent connections? limit",
+    re.IGNORECASE,
+)
+
+
+def throttle_kind(reply: Reply, rule: Rule | None) -> bool:
+    """The destination asks for fewer of us (SPEC §12): a `throttle` rule matched, or a
+    421 that says there are too many connections. Adaptive limits halve on it."""
+    if rule is not None and rule.action == "throttle":
+        return True
+    return reply.code == 421 and reply.remote and bool(_TOO_MANY.search(reply.text))

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from relay.config.model import Config, Rule
-from relay.delivery.classify import classify
+from relay.delivery.classify import classify, throttle_kind
 from relay.delivery.client import Connection
 from relay.delivery.connector import tls_refusal
 from relay.delivery.context import LaneContext
@@ -49,7 +49,8 @@ from relay.queue.models import Attempt, Batch, Hop, Where
 from relay.queue.ready import ReadyQueue
 from relay.reply import Reply, Verdict
 from relay.routing.router import Queue, Site
-from relay.shaping.shaper import Shaper
+from relay.shaping.adaptive import Adaptive
+from relay.shaping.shaper import Limit, Shaper
 from relay.tasks import spawn
 
 log = logging.getLogger("relay.delivery")
@@ -62,6 +63,7 @@ class Lane:
         self._ctx = context
         self._on_idle = on_idle
         self.ready = ready
+        self._adaptive: Adaptive | None = None  # kept across reloads
         self.reconfigure(ready.queue)
         self._workers: set[asyncio.Task[Any]] = set()
         self._leaving: set[asyncio.Task[Any]] = set()  # surplus: closing, slot still held
@@ -83,11 +85,15 @@ class Lane:
         return self._ctx.config
 
     def reconfigure(self, queue: Queue) -> None:
-        """Take new shaping and rules (config reload); rates and throttles start afresh."""
+        """Take new shaping and rules (config reload); rates and throttles start afresh,
+        adaptive limits in force stay (within the new limits)."""
         self.queue = queue
         self.ready.queue = queue
         self.shaping = queue.shaping
-        self.shaper = Shaper(self.shaping, self._ctx.config.classes, self._ctx.clock.monotonic)
+        self.shaper = Shaper(
+            self.shaping, self._ctx.config.classes, self._ctx.clock.monotonic, self._adaptive
+        )
+        self._adaptive = self.shaper.adaptive
         self._rules = self.shaping.rules + self._ctx.config.rules
 
     @property
@@ -102,6 +108,11 @@ class Lane:
     def suspended(self) -> str | None:
         """The reason, while a rule or an admin suspends the provider."""
         return self._pause.reason
+
+    @property
+    def suspended_until(self) -> float | None:
+        """Wall-clock end of the suspension in force."""
+        return self._pause.until
 
     @property
     def _halted(self) -> bool:
@@ -122,6 +133,10 @@ class Lane:
     @property
     def workers(self) -> list[asyncio.Task[Any]]:
         return list(self._workers)
+
+    def limits(self) -> list[Limit]:
+        """The limits in force and why (`relay provider show`)."""
+        return self.shaper.limits(self._ctx.clock.time())
 
     # work arrives (ReadyQueue's consumer)
 
@@ -270,7 +285,10 @@ class Lane:
             await queue.settle_all(self.ready.take_site(site), exc.reply, Verdict.BOUNCED)
             return None
         except (DestinationUnreachable, DnsTemporaryError) as exc:
-            await queue.site_unreachable(self.ready, site, exc.reply)
+            if throttle_kind(exc.reply, None):
+                self._adapt(exc.reply)
+            if not self._crowded(exc.reply, None):
+                await queue.site_unreachable(self.ready, site, exc.reply)
             return None
         except (TransientDeliveryError, PermanentDeliveryError) as exc:
             # The greeting or EHLO reply matched a rule: the provider spoke for itself.
@@ -279,9 +297,15 @@ class Lane:
             self._apply(verdict.rule, exc.reply)
             if verdict.verdict is Verdict.BOUNCED:
                 await queue.settle_all(self.ready.take_site(site), exc.reply, Verdict.BOUNCED)
-            elif not self.paused:
+            elif not self.paused and not self._crowded(exc.reply, verdict.rule):
                 await queue.site_unreachable(self.ready, site, exc.reply)
             return None
+
+    def _crowded(self, reply: Reply, rule: Rule | None) -> bool:
+        """A connection refused for being one too many, while this lane's others carry
+        on: the site is reachable and its mail waits for them. This worker is surplus
+        now and leaves; backing the site off would stop the connections that work."""
+        return throttle_kind(reply, rule) and self.connections > self.shaper.max_connections()
 
     async def _close(self, connection: Connection) -> None:
         if connection.released:
@@ -356,8 +380,12 @@ class Lane:
         await queue.settle(batch, result.attempts, connection.description)
         for rule, reply in result.fired:
             self._apply(rule, reply)
+        throttled = any(throttle_kind(r, rule) for rule, r in result.fired)
+        crowded = [r for r in result.replies if throttle_kind(r, None)]
+        if crowded and not throttled:  # a throttle rule has adapted already
+            self._adapt(crowded[0])
         delivered = any(a.verdict is Verdict.DELIVERED for a in result.attempts)
-        if delivered and self.shaper.succeeded():
+        if delivered and not (throttled or crowded) and self.shaper.succeeded():
             self._kick()
         return connection
 
@@ -433,13 +461,27 @@ class Lane:
         if rule.action == "suspend" and rule.duration:
             self.suspend(rule.duration, str(reply))
         elif rule.action == "throttle":
-            self.shaper.throttle(rule)
+            self.shaper.throttle(rule, str(reply))
             log.warning(
                 "provider=%s throttled for %.0fs (rate=%s max_connections=%s): %s",
                 self.queue.provider,
                 rule.duration or 0,
                 rule.rate or "-",
                 rule.max_connections or "-",
+                reply,
+            )
+            self._adapt(reply)
+
+    def _adapt(self, reply: Reply) -> None:
+        """A throttle-kind reply: adaptive limits halve (SPEC §12)."""
+        if self.shaper.reduce(self.connections, str(reply), self._ctx.clock.time()):
+            adaptive = self.shaper.adaptive
+            assert adaptive is not None
+            log.warning(
+                "queue=%s adaptive limits: max_connections %d, rate %s: %s",
+                self.key,
+                adaptive.connections,
+                adaptive.rate or "-",
                 reply,
             )
 

@@ -39,6 +39,12 @@ class Pause:
     def active(self) -> bool:
         return self._until > self._clock.monotonic()
 
+    @property
+    def until(self) -> float | None:
+        """Wall-clock end, while active."""
+        left = self._until - self._clock.monotonic()
+        return self._clock.time() + left if left > 0 else None
+
     def start(self, duration: float, reason: str, persist: bool = True) -> bool:
         """Suspend for `duration`; False when a longer pause is already in force."""
         if duration <= 0:

@@ -202,3 +202,8 @@ class Router:
         if not self._config.egress_named or self._shared(provider):
             return [provider]
         return [f"{provider}@{source}" for source in self._config.egress]
+
+    def provider_queues(self) -> list[Queue]:
+        """Every queue of every configured provider, whether it holds mail or not."""
+        keys = [key for name in self.providers() for key in self.queues_of(name)]
+        return [queue for key in keys if (queue := self.queue(key)) is not None]

@@ -1,8 +1,10 @@
 """The live limits of one delivery lane.
 
-Configured shaping, narrowed for a while by `throttle` rules and by slow start: after a
+Configured shaping, narrowed for a while by `throttle` rules, by adaptive limits
+(adaptive.py: a provider's "too many" halves them) and by slow start: after a
 suspension or an outage the lane reopens with one connection and doubles it with each
 successful transaction, so a backlog is not released onto a provider all at once.
+`limits()` says which of these is in force and why.
 """
 
 from __future__ import annotations
@@ -10,11 +12,36 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from relay.config.model import Rule, Shaping, TrafficClass
+from relay.config.units import Rate
+from relay.shaping.adaptive import Adaptive
 from relay.shaping.rate import Gcra, KeyedGcra
 
 log = logging.getLogger("relay.shaping")
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit in force, and why: what `relay provider show` prints and
+    `relay_provider_limit` exports."""
+
+    name: str  # "max_connections" or "rate"
+    value: int | Rate | None  # None: no rate limit
+    configured: int | Rate | None
+    why: str  # "configured", "adaptive", "throttle" or "slow start"
+    since: float | None = None  # wall-clock time the narrowing began
+    until: float | None = None  # wall-clock time it ends by itself (a throttle)
+    reason: str = ""  # the reply behind it
+
+
+def configured_limits(shaping: Shaping) -> list[Limit]:
+    """The limits of a lane with nothing narrowing it (or of one not running)."""
+    return [
+        Limit("max_connections", shaping.max_connections, shaping.max_connections, "configured"),
+        Limit("rate", shaping.rate, shaping.rate, "configured"),
+    ]
 
 
 class Shaper:
@@ -23,7 +50,9 @@ class Shaper:
         shaping: Shaping,
         classes: dict[str, TrafficClass],
         clock: Callable[[], float] = time.monotonic,
+        adaptive: Adaptive | None = None,
     ) -> None:
+        """`adaptive`: the previous shaper's, on a reload: a cut in force stays."""
         self.shaping = shaping
         self._clock = clock
         self._rate = Gcra(shaping.rate) if shaping.rate else None
@@ -32,15 +61,25 @@ class Shaper:
         self._classes = {name: Gcra(c.rate) for name, c in classes.items() if c.rate}
         self._throttle_until = 0.0
         self._throttle_rate: Gcra | None = None
-        self._throttle_connections: int | None = None
+        self._throttle_rule: Rule | None = None
+        self._throttle_reason = ""
         self._ceiling: int | None = None  # slow start; None when not ramping
+        self.adaptive: Adaptive | None = None
+        self._adaptive_rate: Gcra | None = None  # while adaptive limits cut the rate
+        if shaping.adaptive:
+            self.adaptive = adaptive or Adaptive(shaping.max_connections, shaping.rate)
+            self.adaptive.reconfigure(shaping.max_connections, shaping.rate)
+            self._follow_adaptive_rate()
 
     # connections
 
     def max_connections(self) -> int:
         limit = self.shaping.max_connections
-        if self._throttled() and self._throttle_connections is not None:
-            limit = min(limit, self._throttle_connections)
+        if self.adaptive is not None:
+            limit = min(limit, self.adaptive.connections)
+        rule = self._throttle_rule
+        if self._throttled() and rule is not None and rule.max_connections is not None:
+            limit = min(limit, rule.max_connections)
         if self._ceiling is not None:
             limit = min(limit, self._ceiling)
         return limit
@@ -56,9 +95,14 @@ class Shaper:
 
     # messages
 
+    def _provider_rate(self) -> Gcra | None:
+        if self._throttled() and self._throttle_rate:
+            return self._throttle_rate
+        return self._adaptive_rate or self._rate
+
     def _message_buckets(self, class_name: str) -> list[Gcra]:
         buckets = []
-        rate = self._throttle_rate if self._throttled() and self._throttle_rate else self._rate
+        rate = self._provider_rate()
         if rate is not None:
             buckets.append(rate)
         bucket = self._classes.get(class_name)
@@ -67,7 +111,7 @@ class Shaper:
         return buckets
 
     def provider_delay(self) -> float:
-        rate = self._throttle_rate if self._throttled() and self._throttle_rate else self._rate
+        rate = self._provider_rate()
         return rate.delay(self._clock()) if rate else 0.0
 
     def class_delay(self, class_name: str) -> float:
@@ -99,11 +143,29 @@ class Shaper:
     def _throttled(self) -> bool:
         return self._throttle_until > self._clock()
 
-    def throttle(self, rule: Rule) -> None:
+    def throttle(self, rule: Rule, reason: str = "") -> None:
         """Narrow the limits for `rule.duration`; a later throttle replaces an earlier one."""
         self._throttle_until = self._clock() + (rule.duration or 0)
         self._throttle_rate = Gcra(rule.rate) if rule.rate else None
-        self._throttle_connections = rule.max_connections
+        self._throttle_rule = rule
+        self._throttle_reason = reason
+
+    def reduce(self, open_connections: int, reason: str, now: float) -> bool:
+        """A throttle-kind reply (adaptive.py); True when a limit went down."""
+        if self.adaptive is None or not self.adaptive.reduce(open_connections, reason, now):
+            return False
+        self._follow_adaptive_rate()
+        return True
+
+    def _follow_adaptive_rate(self) -> None:
+        """The adaptive rate's bucket, carrying on from the one it replaces: a change
+        of rate must not let a burst through."""
+        rate = self.adaptive.rate if self.adaptive is not None else None
+        before = self._adaptive_rate or self._rate
+        self._adaptive_rate = Gcra(rate) if rate is not None and rate != self.shaping.rate else None
+        after = self._adaptive_rate or self._rate
+        if before is not None and after is not None and after is not before:
+            after.tat = max(after.tat, before.tat)
 
     def restart_slowly(self) -> None:
         if self.shaping.max_connections > 1:
@@ -114,17 +176,81 @@ class Shaper:
         resting state. Only then may a lane be forgotten without letting a burst through."""
         if self._throttled() or self._ceiling is not None:
             return False
+        if self.adaptive is not None and self.adaptive.narrowed:
+            return False
         now = self._clock()
-        buckets = [self._rate, self._connections, self._throttle_rate, *self._classes.values()]
+        buckets = [
+            self._rate,
+            self._adaptive_rate,
+            self._connections,
+            self._throttle_rate,
+            *self._classes.values(),
+        ]
         if any(b is not None and not b.idle(now) for b in buckets):
             return False
         return self._mailboxes is None or self._mailboxes.idle(now)
 
     def succeeded(self) -> bool:
-        """A transaction went through; True when slow start widened the lane."""
+        """A transaction was delivered with no throttle-kind reply; True when slow start
+        or adaptive limits widened the lane."""
+        widened = False
+        if self.adaptive is not None and self.adaptive.delivered():
+            self._follow_adaptive_rate()
+            widened = True
         if self._ceiling is None:
-            return False
+            return widened
         self._ceiling *= 2
         if self._ceiling >= self.shaping.max_connections:
             self._ceiling = None
         return True
+
+    # explanation
+
+    def limits(self, now: float) -> list[Limit]:
+        """Each limit in force and what set it; `now` is wall-clock time. The narrowest
+        cause wins the explanation, as it wins the limit."""
+        shaping = self.shaping
+        configured = shaping.max_connections
+        connections, rate = configured_limits(shaping)
+        adaptive = self.adaptive
+        if adaptive is not None and adaptive.narrowed and adaptive.cut is not None:
+            cut = adaptive.cut
+            if adaptive.connections < configured:
+                connections = Limit(
+                    "max_connections",
+                    adaptive.connections,
+                    configured,
+                    "adaptive",
+                    cut.at,
+                    reason=cut.reason,
+                )
+            if adaptive.rate != shaping.rate:
+                rate = Limit(
+                    "rate", adaptive.rate, shaping.rate, "adaptive", cut.at, reason=cut.reason
+                )
+        left = self._throttle_until - self._clock()
+        rule = self._throttle_rule
+        if left > 0 and rule is not None:
+            until, reason = now + left, self._throttle_reason
+            if rule.max_connections is not None and rule.max_connections <= self.max_connections():
+                connections = Limit(
+                    "max_connections",
+                    rule.max_connections,
+                    configured,
+                    "throttle",
+                    until=until,
+                    reason=reason,
+                )
+            if rule.rate is not None:
+                rate = Limit(
+                    "rate", rule.rate, shaping.rate, "throttle", until=until, reason=reason
+                )
+        if self._ceiling is not None and self._ceiling == self.max_connections():
+            connections = Limit(
+                "max_connections",
+                self._ceiling,
+                configured,
+                "slow start",
+                reason="reopening after a suspension or an outage",
+            )
+        return [connections, rate]
