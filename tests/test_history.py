@@ -183,6 +183,34 @@ def test_queue_show_explains_why_mail_waits(relay_factory, dns_server, mx_farm):
     assert gone.returncode == 1 and "no message with ID NOSUCHID" in gone.stderr
 
 
+def test_mail_already_ready_hears_of_a_suspension(relay_factory, dns_server, mx_farm):
+    """Mail waiting in a lane (its rate spent) when an admin suspends the provider: its
+    timeline says so at once, not only when it is placed again."""
+    route(dns_server, "slow.test", "127.0.0.6")
+    mx = mx_farm.server("127.0.0.6")
+    relay = relay_factory(
+        admin={"token": TOKEN}, providers={"slow": {"domains": ["slow.test"], "rate": "1/h"}}
+    )
+    relay.send("app@example.org", ["a@slow.test"], make_message("first"))
+    mx.wait_messages(1)
+    second = relay.send("app@example.org", ["b@slow.test"], make_message("second"))
+    assert wait_until(
+        lambda: api(relay, f"/api/queue/{second}")[1]["recipients"][0]["state"] == "ready"
+    )
+    suspended = cli(relay, "provider", "suspend", "slow", "--for", "1h")
+    assert suspended.returncode == 0, suspended.stderr
+
+    def waits() -> list[dict[str, Any]]:
+        timeline = api(relay, f"/api/queue/{second}")[1]["timeline"]
+        return [e for e in timeline if e["event"] == "wait"]
+
+    assert wait_until(lambda: bool(waits()), timeout=10)
+    [wait] = waits()
+    assert wait["reason"] == "provider suspended"
+    assert wait["detail"] == "slow: suspended by the administrator"
+    assert wait["recipients"] == ["b@slow.test"]
+
+
 def test_timeline_and_history_survive_a_crash_and_retain_prunes(relay_factory, dns_server, mx_farm):
     """A message that waits has its events in a file beside it within seconds: after
     kill -9 they are still there, and the restarted daemon goes on appending. History

@@ -489,6 +489,7 @@ class Lane:
         """No new transaction for `duration`; in-flight ones finish, waiting mail stays."""
         if self._pause.start(duration, reason, persist):
             self.interrupt()  # idle and waiting workers notice and close their connections
+            self._ctx.queue.suspended(self.ready, f"{self.key}: {reason}")
 
     def resume(self) -> None:
         """End a suspension now (its timer, or an admin); reopen slowly."""

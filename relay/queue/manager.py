@@ -214,6 +214,19 @@ class QueueManager:
             chunk = recipients[start : start + size]
             queue.push(Batch(message, chunk, destination, chunk[0].domain))
 
+    def suspended(self, ready: ReadyQueue, detail: str) -> None:
+        """A lane was suspended with mail ready in it: each message's timeline says why
+        it waits (mail made ready later gets the same word in `_make_ready`)."""
+        now = self._clock.time()
+        waiting: dict[str, list[str]] = defaultdict(list)
+        for batch in ready.batches():
+            waiting[batch.message.id].extend(r.address for r in batch.recipients)
+        for message_id, addresses in waiting.items():
+            self._events.record(
+                message_id,
+                events.waiting(now, "provider suspended", addresses, None, detail),
+            )
+
     def ready_queue(self, queue: Queue) -> ReadyQueue:
         ready = self._ready.get(queue.key)
         if ready is None:

@@ -133,6 +133,12 @@ class ReadyQueue:
         self._sites.pop(site.key, None)
         return [b for b in taken if _keep_ready(b)]
 
+    def batches(self) -> Iterator[Batch]:
+        """Every batch waiting, in no particular order."""
+        for by_site in self._classes.values():
+            for line in by_site.values():
+                yield from line
+
     def waiting_classes(self) -> list[str]:
         return [name for name in self._order if self._classes[name]]
 
