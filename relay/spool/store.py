@@ -392,3 +392,37 @@ class Spool:
         for suffix in ("", _STATE_SUFFIX):
             if os.path.exists(source + suffix):
                 shutil.move(source + suffix, target + suffix)
+
+    # taking over another node's spool (SPEC §9)
+
+    def take_over(self, source: Spool, recovered: Recovered) -> bool:
+        """Make one message of `source` ours, then remove it there; blocking (run it in
+        a thread). False when it was ours already (copied before a crash): only the
+        original goes.
+
+        The files keep their ID. The progress log, hold mark and timeline are written
+        first and the message last: its rename is the commit point, and a log without
+        its message is dropped at recovery, so a copy cut short leaves nothing behind.
+        The original is removed before the message is queued here, so at any moment at
+        most one spool can deliver it after a restart. The caller queues it, and counts
+        it in this spool's gauges then (`note_stored`), as recovery does.
+        """
+        message_id = recovered.envelope.id
+        origin, target = source.message_path(message_id), self.message_path(message_id)
+        copied = not os.path.exists(target)
+        if copied:
+            directory = self._dir(message_id)
+            if directory not in self._buckets:
+                self._make_bucket(directory)
+                self._buckets.add(directory)
+            for suffix in (_STATE_SUFFIX, _HOLD_SUFFIX, EVENTS_SUFFIX, ""):
+                try:
+                    with open(origin + suffix, "rb") as handle:
+                        data = handle.read()
+                except FileNotFoundError:
+                    continue
+                tmp = os.path.join(directory, _TMP_PREFIX + message_id + suffix)
+                _write_durably(tmp, target + suffix, (data,), self._dirsync)
+        paths = (origin, origin + _STATE_SUFFIX, origin + _HOLD_SUFFIX, origin + EVENTS_SUFFIX)
+        _unlink_synced(paths, source._dirsync)
+        return copied

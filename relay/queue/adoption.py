@@ -1,0 +1,43 @@
+"""Queueing the mail of another node's spool directory here (SPEC §9 takeover).
+
+Each message moves into this node's spool (`Spool.take_over`: copied with its ID and
+progress, then removed there) before it is queued, a chunk at a time in a worker
+thread, so the event loop keeps serving while hundreds of thousands of messages move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterator
+
+from relay.queue.manager import QueueManager
+from relay.spool.store import Recovered, Spool
+
+CHUNK = 256
+
+
+async def adopt(directory: str, spool: Spool, queue: QueueManager) -> tuple[int, int]:
+    """Move everything in `directory` into `spool` and queue it: (messages, recipients)
+    queued. Raises OSError/SpoolError when a file cannot be moved; what moved so far
+    is queued and safe, the rest stays there for the next try."""
+    source = Spool(directory)
+    entries = source.recover(time.time())
+    messages = recipients = 0
+    while True:
+        seen, moved = await asyncio.to_thread(_move, spool, source, entries)
+        if moved:
+            queued = await queue.recover(moved)
+            messages, recipients = messages + queued[0], recipients + queued[1]
+        if seen < CHUNK:
+            return messages, recipients
+
+
+def _move(spool: Spool, source: Spool, entries: Iterator[Recovered]) -> tuple[int, list[Recovered]]:
+    seen, moved = 0, []
+    for entry in itertools.islice(entries, CHUNK):
+        seen += 1
+        if spool.take_over(source, entry):
+            moved.append(entry)
+    return seen, moved
