@@ -67,6 +67,7 @@ class MxServer:
         self._peers: dict[int, str] = {}
         self._stalled = 0
         self._server: asyncio.Server | None = None
+        self._transports: dict[int, asyncio.BaseTransport] = {}  # by connection: vanish
 
     # called in the farm's loop
 
@@ -130,6 +131,18 @@ class MxServer:
         stall = self._stall
         if stall is not None:
             self.farm.loop.call_soon_threadsafe(stall.set)
+
+    def vanish(self) -> None:
+        """The host is gone: it stops listening, and every open connection is reset
+        (transactions stalled by `stall_data` never get their reply)."""
+
+        async def go() -> None:
+            if self._server is not None:
+                self._server.close()
+            for transport in list(self._transports.values()):
+                transport.abort()
+
+        asyncio.run_coroutine_threadsafe(go(), self.farm.loop).result(10)
 
     def stalled(self) -> int:
         """Transactions waiting for their final reply under `stall_data`."""
@@ -229,6 +242,7 @@ class _Protocol(SMTP):
         if self.transport is None:
             peer = transport.get_extra_info("peername")
             self.mx._opened(self.conn, peer[0] if peer else "")
+            self.mx._transports[self.conn] = transport
         if self.mx.greeting and self.transport is None:
             transport.write(self.mx.greeting.encode() + b"\r\n")
             transport.close()
@@ -245,6 +259,7 @@ class _Protocol(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.mx._closed(self.conn)
+        self.mx._transports.pop(self.conn, None)
         if self._refused:
             return
         super().connection_lost(error)
