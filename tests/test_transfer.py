@@ -212,15 +212,18 @@ def test_a_peer_that_refuses_leaves_the_mail_here(relay_factory, dns_server, mx_
     a = node_a(relay_factory, providers={"dest": {"domains": ["dest.test"]}})
     assert a.api("POST", "/api/providers/dest/suspend", {"for": "1h"})[0] == 200
     sent = send_tagged(a, 5, ["bob@dest.test"], "refused")
+    held = queued(a)[0]["id"]
+    assert a.api("POST", f"/api/queue/{held}/hold")[0] == 200  # held mail is not moved
 
     status, report = transfer(a, "--to", f"127.0.0.6:{mx_farm.port}")
     assert status == 1
-    assert report["transferred"] == 0 and report["failed"] == 5 and report["left"] == 0
-    assert report["reasons"] == {"554 5.7.1 not from you": 5}
+    assert report["transferred"] == 0 and report["failed"] == 4 and report["left"] == 1
+    assert report["reasons"] == {"554 5.7.1 not from you": 4, "held": 1}
     assert peer.messages == []
     assert len(queued(a)) == 5
     # Nothing was counted as an attempt: the mail waits as it did, and goes when it may.
     assert all(r["attempts"] == 0 for m in queued(a) for r in m["recipients"])
+    assert a.api("POST", f"/api/queue/{held}/release")[0] == 200
     assert a.api("POST", "/api/providers/dest/resume")[0] == 200
     assert set(ids(mx.wait_messages(5))) == sent
     assert wait_until(lambda: a.spool_files() == [])
