@@ -338,3 +338,37 @@ def test_transfer_is_a_queue_verb_of_the_cli():
     )
     assert done.returncode == 0, done.stderr
     assert "--to HOST:PORT" in done.stdout and "--provider" in done.stdout
+
+
+def test_shutdown_during_a_transfer_keeps_the_mail_here(relay_factory, dns_server, mx_farm):
+    route(dns_server, "dest.test", "127.0.0.2")
+    mx = mx_farm.server("127.0.0.2")
+    peer = mx_farm.server("127.0.0.6")
+    peer.stall_data()  # the peer reads every message and never answers
+    a = node_a(relay_factory, providers={"dest": {"domains": ["dest.test"]}})
+    assert a.api("POST", "/api/providers/dest/suspend", {"for": "1h"})[0] == 200
+    sent = send_tagged(a, 10, ["bob@dest.test"], "sigterm")
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            transfer(a, "--to", f"127.0.0.6:{mx_farm.port}")
+        except AssertionError as exc:  # no report: the daemon went away
+            outcome["error"] = str(exc)
+
+    running = threading.Thread(target=run)
+    running.start()
+    assert peer.wait_for(lambda: peer._stalled >= 1)
+    assert a.stop() == 0
+    running.join(60)
+    assert "no answer from the relay daemon" in outcome["error"]
+    log = a.log()
+    assert "0 messages (0 recipients) transferred, 0 refused, 10 left here" in log, log[-2000:]
+    assert "stopped: the daemon is shutting down" in log and "Traceback" not in log
+    # Every message is still here after a restart, none counted as moved, and goes out.
+    a.start()
+    assert len(queued(a)) == 10
+    assert a.api("POST", "/api/providers/dest/resume")[0] == 200
+    assert set(ids(mx.wait_messages(10))) == sent
+    assert peer.messages == []

@@ -258,6 +258,10 @@ class Handoff:
             refusal = str(exc.reply)
         except SpoolError as exc:
             refusal = f"cannot read it from the spool: {exc}"
+        except asyncio.CancelledError:
+            report.recipients += moved
+            report.count("left", "the daemon is shutting down")
+            raise
         finally:
             self._queue.unclaim(message, claimed)
         report.recipients += moved
