@@ -360,6 +360,8 @@ def test_shutdown_during_a_transfer_keeps_the_mail_here(relay_factory, dns_serve
     running = threading.Thread(target=run)
     running.start()
     assert peer.wait_for(lambda: peer._stalled >= 1)
+    status, answer = a.api("POST", "/api/queue/transfer", {"to": f"127.0.0.1:{free_port()}"})
+    assert status == 409 and "a transfer is running already" in answer["error"]
     assert a.stop() == 0
     running.join(60)
     assert "no answer from the relay daemon" in outcome["error"]

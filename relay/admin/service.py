@@ -286,7 +286,7 @@ class QueueService:
         try:
             report = await self._handoff.transfer(TransferRequest(host, port, provider, login))
         except TransferBusy as exc:
-            raise Busy(exc.reply.text) from None
+            raise Busy(str(exc)) from None
         return report.as_dict()
 
     def _lanes_for(self, name: str) -> list[Lane]:

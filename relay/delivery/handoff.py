@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from relay.delivery.client import Connection
 from relay.delivery.connector import Connector, PeerLogin
 from relay.delivery.context import LoadMessage
-from relay.errors import DeliveryError, SpoolError, TransientDeliveryError
+from relay.errors import DeliveryError, RelayError, SpoolError, TransientDeliveryError
 from relay.queue.models import QueuedMessage, Recipient
 from relay.reply import Reply
 from relay.tasks import spawn
@@ -63,7 +63,7 @@ class HandoffQueue(Protocol):
     ) -> None: ...
 
 
-class TransferBusy(DeliveryError):
+class TransferBusy(RelayError):
     """A transfer is running already: two would claim each other's messages."""
 
 
@@ -134,9 +134,7 @@ class Handoff:
 
     async def transfer(self, request: TransferRequest) -> TransferReport:
         if self._tasks:
-            raise TransferBusy(
-                Reply.local(451, "4.3.0", "a transfer is running already; wait for its end")
-            )
+            raise TransferBusy("a transfer is running already; wait for its end")
         task = spawn(self._run(request), self._tasks, f"transfer to {request.peer}")
         # The transfer is the daemon's, not the HTTP request's: a client that goes away
         # does not stop it midway; shutdown does (stop).
@@ -154,14 +152,17 @@ class Handoff:
         scope = " for provider " + request.provider if request.provider else ""
         log.info("transfer to %s%s started by the administrator", request.peer, scope)
         pending = iter(self._queue.snapshot())
-        ended: list[str | None] = []
+        ended: list[str | None] = ["an internal error (the daemon's log has it)"]
         try:
             ended = await asyncio.gather(
                 *(self._worker(request, pending, report) for _ in range(SESSIONS))
             )
+        except asyncio.CancelledError:
+            ended = ["the daemon is shutting down"]
+            raise
         finally:
             # Not tried: the peer could not be reached any more, or the daemon stops.
-            why = next((reason for reason in ended if reason), "the daemon is shutting down")
+            why = next((reason for reason in ended if reason), "")
             for message in pending:
                 if self._in_scope(message, request):
                     report.stopped = why
