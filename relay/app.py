@@ -27,6 +27,7 @@ from relay.config.model import Config
 from relay.delivery.connector import Connector
 from relay.delivery.context import LaneContext
 from relay.delivery.dispatcher import Dispatcher
+from relay.delivery.handoff import Handoff
 from relay.dkim import load_keys
 from relay.dns.resolver import Resolver
 from relay.errors import ConfigError, RelayError
@@ -77,6 +78,7 @@ class Relay:
                 clock,
             )
         )
+        self.handoff = Handoff(self.queue, self.connector, self._load)  # relay queue transfer
         self.listeners: ListenerProcess | None = None
         self._engines: list[asyncio.Task[Any]] = []  # the schedule and the dispatcher
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -175,7 +177,12 @@ class Relay:
             if queue is not None:  # created now: paused before any mail routes
                 self.dispatcher.lane(self.queue.ready_queue(queue))
         service = QueueService(
-            self.queue, self.dispatcher, lambda: self.router, self.spool, self.history
+            self.queue,
+            self.dispatcher,
+            lambda: self.router,
+            self.spool,
+            self.history,
+            self.handoff,
         )
         # up first: /readyz says what is missing
         self.admin = await start_admin(
@@ -293,6 +300,7 @@ class Relay:
         if self.listeners is not None:
             self.listeners.drain(grace)
         self.dispatcher.drain()
+        await self.handoff.stop()  # a transfer's message in hand goes back to the queue
         idle = [self.dispatcher.wait_idle()]
         if self.listeners is not None:
             idle.append(self.listeners.wait_idle())

@@ -40,12 +40,17 @@ def mx_farm() -> Iterator[MxFarm]:
 def relay_factory(
     tmp_path: Path, dns_server: DnsServer, mx_farm: MxFarm, password_hash: str
 ) -> Iterator[Callable[..., RelayProcess]]:
-    """Build (and later stop) relays; keyword arguments are merged into the test config."""
+    """Build (and later stop) relays; keyword arguments are merged into the test config.
+    `node` names a directory of its own, for a test with several relays."""
     started: list[RelayProcess] = []
 
-    def make(start: bool = True, args: tuple[str, ...] = (), **extra: Any) -> RelayProcess:
-        config = base_config(tmp_path, dns_server.port, mx_farm.port, password_hash, **extra)
-        relay = RelayProcess(tmp_path, config, args)
+    def make(
+        start: bool = True, args: tuple[str, ...] = (), node: str | None = None, **extra: Any
+    ) -> RelayProcess:
+        workdir = tmp_path / node if node else tmp_path
+        workdir.mkdir(exist_ok=True)
+        config = base_config(workdir, dns_server.port, mx_farm.port, password_hash, **extra)
+        relay = RelayProcess(workdir, config, args)
         started.append(relay)
         return relay.start() if start else relay
 

@@ -73,6 +73,7 @@ class MxServer:
         self._peers: dict[int, str] = {}
         self._stalled = 0
         self._server: asyncio.Server | None = None
+        self._transports: dict[int, asyncio.BaseTransport] = {}  # by connection: vanish
 
     # called in the farm's loop
 
@@ -136,6 +137,18 @@ class MxServer:
         stall = self._stall
         if stall is not None:
             self.farm.loop.call_soon_threadsafe(stall.set)
+
+    def vanish(self) -> None:
+        """The host is gone: it stops listening, and every open connection is reset
+        (transactions stalled by `stall_data` never get their reply)."""
+
+        async def go() -> None:
+            if self._server is not None:
+                self._server.close()
+            for transport in list(self._transports.values()):
+                transport.abort()
+
+        asyncio.run_coroutine_threadsafe(go(), self.farm.loop).result(10)
 
     def stalled(self) -> int:
         """Transactions waiting for their final reply under `stall_data`."""
@@ -235,6 +248,7 @@ class _Protocol(SMTP):
         if self.transport is None:
             peer = transport.get_extra_info("peername")
             self.mx._opened(self.conn, peer[0] if peer else "")
+            self.mx._transports[self.conn] = transport
         refusal = self.mx.greeting
         limit = self.mx.crowd_limit
         if self.transport is None and limit is not None and self.mx.open > limit:
@@ -257,6 +271,7 @@ class _Protocol(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.mx._closed(self.conn)
+        self.mx._transports.pop(self.conn, None)
         if self._refused:
             return
         super().connection_lost(error)

@@ -26,6 +26,9 @@ EXPORTED = {  # SPEC §8, as exported (counters with _total, the histogram's ser
     "relay_spool_messages",
     "relay_spool_bytes",
     "relay_config_reload_success",
+    # cluster (SPEC §8, §9): exported by nodes with `cluster.redis`
+    "relay_cluster_redis_up",
+    "relay_cluster_nodes",
 }
 
 

@@ -15,7 +15,7 @@ from relay.config.model import Config
 from relay.dns.resolver import Resolver
 from relay.metrics import Metrics
 from relay.queue.manager import QueueManager
-from relay.queue.models import Attempt, Batch, QueuedMessage, Where
+from relay.queue.models import Attempt, Batch, QueuedMessage, Recipient, Where
 from relay.queue.ready import ReadyQueue
 from relay.reply import Reply, Verdict
 from relay.routing.router import Destination, Queue, Router, Site
@@ -371,5 +371,47 @@ def test_workers_failing_one_round_together_count_one_failure(tmp_path: Path) ->
         await asyncio.gather(*(manager.site_unreachable(ready, site, refused) for _ in range(5)))
         until = manager.sites.until(site.key)
         assert until is not None and until - clock.now <= 330  # retry.initial, not retry.max
+
+    run(test, tmp_path)
+
+
+def test_claimed_recipients_leave_delivery_until_transferred_or_put_back(tmp_path: Path) -> None:
+    """A transfer's claim: READY recipients go ACTIVE, so no lane takes them; the peer's
+    250 makes them final here (durably: a restart does not queue them again); the rest
+    go back where they waited, with no attempt counted."""
+
+    async def test(manager: QueueManager, clock: FakeClock, spool: Spool) -> None:
+        message = await _message(spool, clock, "a@alpha.test", "b@beta.test", "c@beta.test")
+        manager.submit(message)
+        a, b, c = message.recipients
+
+        def beta(r: Recipient) -> bool:
+            return r.destination is not None and r.destination.queue.provider == "beta"
+
+        claimed = manager.claim(message, beta)
+        assert claimed == [b, c] and b.where is c.where is Where.ACTIVE
+        assert a.where is Where.READY
+        assert manager.claim(message, beta) == []  # claimed once only
+        _states_add_up(manager)
+        site = Site("[127.0.0.3]:25", ("127.0.0.3",))
+        assert _ready(manager, "beta").take(site, "127.0.0.3", lambda _: True) is None
+        reply = Reply.parse(250, "2.0.0 Ok: queued as PEER1")
+        await manager.transferred(message, [b], "peer.test:587", "peer.test[127.0.0.9]:587", reply)
+        manager.unclaim(message, claimed)
+        assert b.status is RecipientStatus.TRANSFERRED and b.where is Where.NOWHERE
+        assert c.where is Where.READY and c.attempts == 0 and c.status is RecipientStatus.PENDING
+        _states_add_up(manager)
+        [recovered] = list(spool.recover(time.time() + 1))
+        assert [r.status for r in recovered.records] == [RecipientStatus.TRANSFERRED]
+        # A held message is not claimed at all; once every recipient is final, it is gone.
+        await manager.hold(message)
+        assert manager.claim(message, lambda r: True) == []
+        await manager.release(message)
+        rest = manager.claim(message, lambda r: True)
+        assert rest == [a, c]
+        await manager.transferred(message, rest, "peer.test:587", "peer", reply)
+        assert manager.registry.get(message.id) is None
+        assert list(spool.recover(time.time() + 1)) == []
+        _states_add_up(manager)
 
     run(test, tmp_path)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
-from relay.admin.client import AdminClient, AdminError, endpoint_from_config
+from relay.admin.client import AdminClient, AdminError, AdminTimeout, endpoint_from_config
 from relay.admin.explain import limit_phrase, local_clock, span
+from relay.config.units import parse_duration
 from relay.history.text import finished_lines, history_table, timeline_lines
 from relay.shaping.adaptive import CLEAN_STEP
 
@@ -100,6 +104,47 @@ def _show(message: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _peer_password(user: str) -> str:
+    """$RELAY_PEER_PASSWORD, else asked for (or read from stdin when it is not a
+    terminal): never on the command line, where `ps` would show it."""
+    if os.environ.get("RELAY_PEER_PASSWORD"):
+        return os.environ["RELAY_PEER_PASSWORD"]
+    if sys.stdin.isatty():
+        return getpass.getpass(f"password of {user} on the peer: ")
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _transfer(client: AdminClient, args: argparse.Namespace) -> int:
+    """Waits for the end of the transfer: the daemon answers with the counts."""
+    try:
+        timeout = parse_duration(args.timeout)
+    except ValueError as exc:
+        raise AdminError(f"--timeout: {exc}") from None
+    body: dict[str, Any] = {"to": args.to, "provider": args.provider}
+    if args.user:
+        body |= {"user": args.user, "password": _peer_password(args.user)}
+    try:
+        report = client.call("POST", "/api/queue/transfer", body=body, timeout=timeout)
+    except AdminTimeout as exc:
+        raise AdminError(
+            f"{exc}; the transfer goes on in the daemon, whose log has its progress "
+            "and final count (a longer --timeout waits for it)"
+        ) from None
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(
+            f"{report['transferred']} messages ({report['recipients']} recipients) "
+            f"transferred to {report['to']}; {report['failed']} refused, "
+            f"{report['left']} left here"
+        )
+        for reason, count in report["reasons"].items():
+            print(f"  {count:6d}  {reason}")
+        if report["stopped"]:
+            print(f"stopped: {report['stopped']}")
+    return 1 if report["failed"] or report["stopped"] else 0
+
+
 def cmd_queue(args: argparse.Namespace, config_path: str) -> int:
     client = _client(args, config_path)
     action = args.queue_action
@@ -115,6 +160,8 @@ def cmd_queue(args: argparse.Namespace, config_path: str) -> int:
         else:
             result = client.call("POST", "/api/queue/flush", body={"provider": args.provider})
         print(f"{result['flushed']} deferred recipients are due now")
+    elif action == "transfer":
+        return _transfer(client, args)
     elif action == "delete":
         for message_id in args.ids:
             client.call("DELETE", f"/api/queue/{message_id}")
@@ -240,6 +287,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     flush = qsub.add_parser("flush", parents=[common], help="deferred mail due now")
     flush.add_argument("id", nargs="?")
     flush.add_argument("--provider")
+    transfer = qsub.add_parser(
+        "transfer",
+        parents=[common],
+        help="move queued mail to another relay node over SMTP; each message leaves "
+        "this spool only once the peer said 250",
+    )
+    transfer.add_argument("--to", required=True, metavar="HOST:PORT", help="the peer's listener")
+    transfer.add_argument("--provider", help="only recipients queued for this provider")
+    transfer.add_argument(
+        "--user",
+        help="AUTH on the peer as this account (its senders must allow the mail's senders); "
+        "password from $RELAY_PEER_PASSWORD or asked for",
+    )
+    transfer.add_argument(
+        "--timeout", default="1h", help="how long to wait for the final count (1h)"
+    )
+    transfer.add_argument("--json", action="store_true")
     for action, text in (
         ("hold", "keep from delivery until released"),
         ("release", "deliver again"),

@@ -28,6 +28,10 @@ class AdminError(RelayError):
     """The daemon could not be reached, refused us, or refused the request."""
 
 
+class AdminTimeout(AdminError, TimeoutError):
+    """The daemon took the request and did not answer in time (it may still be at it)."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     url: str
@@ -88,7 +92,10 @@ class AdminClient:
         path: str,
         body: dict[str, Any] | None = None,
         query: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
+        """One request; `timeout` (seconds without an answer) for calls that last as long
+        as their work, like a transfer."""
         url = self.base_url + path
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v})
@@ -101,7 +108,7 @@ class AdminClient:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with _OPENER.open(request, timeout=self.timeout) as response:
+            with _OPENER.open(request, timeout=timeout or self.timeout) as response:
                 return dict(json.loads(response.read() or b"{}"))
         except urllib.error.HTTPError as exc:
             try:
@@ -121,7 +128,11 @@ class AdminClient:
                 f"cannot reach the relay daemon at {self.base_url}: {reason} "
                 "(is it running? is admin.address/port right?)"
             ) from None
-        except (TimeoutError, OSError) as exc:
+        except TimeoutError as exc:
+            raise AdminTimeout(
+                f"no answer from the relay daemon at {self.base_url}: {exc}"
+            ) from None
+        except OSError as exc:
             raise AdminError(f"no answer from the relay daemon at {self.base_url}: {exc}") from None
 
     def _refused(self) -> str:

@@ -22,7 +22,7 @@ Every request passes `_guard` first, in this order (SPEC §12, "Admin API safety
    carries the token itself, and has passed the Host and Origin checks like any other.
 
 Then the outcome: `NotFound` → 404, `BadRequest` (the service's, or the request's own
-parsing here) → 400, any other exception → 500 with its traceback in the log: a bare
+parsing here) → 400, `Busy` → 409, any other exception → 500 with its traceback in the log: a bare
 ValueError is a bug to see, not the client's fault.
 """
 
@@ -39,7 +39,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from relay.admin.service import BadRequest, NotFound, QueueService
+from relay.admin.service import BadRequest, Busy, NotFound, QueueService
 from relay.admin.status import LOGIN, LOGOUT, PAGE, StatusPage, add_routes, cookie_opens, login_page
 from relay.admin.token import ensure_token
 from relay.config.model import Admin
@@ -56,7 +56,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ALWAYS_OPEN = ("/healthz", "/readyz")  # probes from orchestrators carry no secret
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SAFE_METHODS = ("GET", "HEAD")
-MAX_BODY = 64 * 1024  # the largest real body is {"provider": "..."}
+MAX_BODY = 64 * 1024  # the largest real body is a transfer's: peer, provider, login
 _LIMIT = re.compile(r"^[0-9]{1,7}$")
 _AUTHORITY = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::([0-9]{1,5}))?|([^:\[\]@/]+)(?::([0-9]{1,5}))?")
 JSON_BODY = web.RequestKey("json_body", dict)
@@ -251,6 +251,8 @@ def build_app(
             return _error(404, str(exc))
         except BadRequest as exc:
             return _error(400, str(exc))
+        except Busy as exc:
+            return _error(409, str(exc))
         except Exception:
             log.exception("admin API %s %r failed", request.method, request.path)
             return _error(500, "internal error; the daemon's log has the details")
@@ -312,6 +314,19 @@ def build_app(
         provider = _optional_string(request[JSON_BODY], "provider")
         return web.json_response({"flushed": service.flush(provider=provider)})
 
+    async def queue_transfer(request: web.Request) -> web.Response:
+        data = request[JSON_BODY]
+        to = _optional_string(data, "to")
+        if to is None:
+            raise BadRequest('to: is required, like {"to": "10.0.0.6:587"}')
+        report = await service.transfer(
+            to,
+            provider=_optional_string(data, "provider"),
+            user=_optional_string(data, "user"),
+            password=_optional_string(data, "password"),
+        )
+        return web.json_response(report)
+
     async def message_action(request: web.Request) -> web.Response:
         message_id, action = request.match_info["id"], request.match_info["action"]
         if action == "flush":
@@ -365,6 +380,7 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/queue", queue_list)
     app.router.add_post("/api/queue/flush", queue_flush)
+    app.router.add_post("/api/queue/transfer", queue_transfer)
     app.router.add_get("/api/queue/{id}", queue_show)
     app.router.add_get("/api/history", history_find)
     app.router.add_get("/api/history/{id}", history_show)

@@ -1,15 +1,21 @@
 """Queue operations an admin can ask for: list, show, flush, hold, release, delete, bounce,
-suspend, resume. The HTTP API is a thin layer over this; so is the CLI, through the API.
+transfer, suspend, resume. The HTTP API is a thin layer over this; so is the CLI, through
+the API.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 from relay.admin.explain import limit_json
+from relay.config.model import Secret
+from relay.delivery.connector import PeerLogin
 from relay.delivery.dispatcher import Dispatcher
+from relay.delivery.handoff import Handoff, TransferBusy, TransferRequest
 from relay.delivery.lane import Lane
 from relay.history import History
 from relay.queue.manager import QueueManager
@@ -21,6 +27,7 @@ from relay.spool.store import Spool
 log = logging.getLogger("relay.admin")
 
 STATES = ("ready", "deferred", "held", "active")
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 
 class NotFound(LookupError):
@@ -32,6 +39,28 @@ class BadRequest(ValueError):
     ValueError is a bug, answered 500 and logged."""
 
 
+class Busy(RuntimeError):
+    """The daemon is doing this already (HTTP 409); the message says what."""
+
+
+def peer_address(text: str) -> tuple[str, int]:
+    """ "host:port", "192.0.2.1:587" or "[2001:db8::1]:587" → (host, port)."""
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            host = ""
+    elif ":" in host or not _HOST_NAME.match(host):
+        host = ""
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadRequest(
+            f"to: expected HOST:PORT like 10.0.0.6:587 or [2001:db8::6]:587, not {text!r}"
+        )
+    return host, int(port)
+
+
 class QueueService:
     def __init__(
         self,
@@ -40,12 +69,14 @@ class QueueService:
         router: Callable[[], Router],
         spool: Spool,
         history: History | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self._queue = queue
         self._lanes = lanes
         self._router = router  # the current one: a reload replaces it
         self._spool = spool
         self._history = history
+        self._handoff = handoff
 
     # reading
 
@@ -264,6 +295,38 @@ class QueueService:
     async def bounce(self, message_id: str) -> int:
         """Return every waiting recipient to the sender with a DSN."""
         return await self._queue.bounce(self.message(message_id))
+
+    async def transfer(
+        self,
+        to: str,
+        provider: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+    ) -> dict[str, Any]:
+        """Move queued mail to a peer relay (SPEC §9) and say how it went; the call lasts
+        as long as the transfer."""
+        host, port = peer_address(to)
+        if provider is not None:
+            router = self._router()
+            known = set(router.providers()) | {DEFAULT_PROVIDER}
+            if provider not in known:
+                raise BadRequest(
+                    f"provider: no provider {provider!r} (providers: {', '.join(sorted(known))})"
+                )
+        if (user is None) != (password is None):
+            raise BadRequest("user and password: give both, or neither")
+        login = None
+        if user is not None and password is not None:
+            if any(c in user + password for c in "\r\n\0"):
+                raise BadRequest("user and password must not contain CR, LF or NUL")
+            login = PeerLogin(user, Secret(password))
+        if self._handoff is None:
+            raise BadRequest("this daemon cannot transfer mail")
+        try:
+            report = await self._handoff.transfer(TransferRequest(host, port, provider, login))
+        except TransferBusy as exc:
+            raise Busy(str(exc)) from None
+        return report.as_dict()
 
     def _lanes_for(self, name: str) -> list[Lane]:
         """A queue by its key, or every queue of a configured provider (one per egress

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import aiosmtplib
 
 from relay.clock import SYSTEM_CLOCK, Clock
-from relay.config.model import Config, DeliveryTls, Egress, Rule, Shaping
+from relay.config.model import Config, DeliveryTls, Egress, Rule, Secret, Shaping
 from relay.delivery.client import Connection, shut
 from relay.delivery.tls_policy import (
     STRENGTH,
@@ -372,6 +372,83 @@ class Connector:
             note=note,
         )
 
+    async def peer(self, host: str, port: int, login: PeerLogin | None = None) -> Connection:
+        """A session to another relay node, for a hand-off (`relay queue transfer`,
+        SPEC §9). The peer is named by the admin, not found by MX: no TLS policy applies.
+        STARTTLS whenever offered, its certificate unchecked (as `opportunistic`
+        delivery: nodes of one cluster commonly use self-signed ones); AUTH when a
+        login is given, and then only over TLS, as the peer's own listener asks (its
+        `538 5.7.11`). The session leaves from the default egress source."""
+        where = f"{host}:{port}"
+        try:
+            addresses = await self._resolver.addresses(host)
+        except (DnsTemporaryError, DnsPermanentError) as exc:
+            raise TransientDeliveryError(exc.reply) from exc
+        egress = self._config.egress[self._config.default_egress]
+        last: TransientDeliveryError | None = None
+        for address in addresses[:MAX_ADDRESSES]:
+            try:
+                smtp = await self._session(host, address, port, where, egress)
+            except PermanentDeliveryError as exc:  # a 5xx greeting: try another address
+                last = TransientDeliveryError(exc.reply)
+                continue
+            except TransientDeliveryError as exc:
+                last = exc
+                continue
+            try:
+                return await self._peer_session(smtp, host, address, port, login)
+            except BaseException:
+                await asyncio.shield(_hang_up(smtp))
+                raise
+        raise last or TransientDeliveryError(
+            Reply.local(451, "4.4.1", f"{host} has no address to connect to")
+        )
+
+    async def _peer_session(
+        self, smtp: _Session, host: str, address: str, port: int, login: PeerLogin | None
+    ) -> Connection:
+        where = f"{host}[{address}]:{port}"
+        facts = TlsFacts(note=f"{where} does not offer STARTTLS")
+        try:
+            if smtp.supports_extension("starttls"):
+                await smtp.starttls(
+                    server_hostname=host, validate_certs=False, tls_context=self.policy.unverified
+                )
+                await _greet(smtp)  # RFC 3207 §4.2: the server forgot everything
+                ssl_object = smtp.get_transport_info("ssl_object")
+                version = ssl_object.version() if ssl_object is not None else None
+                facts = TlsFacts(version=version, note="the certificate was not verified")
+            if login is not None:
+                if facts.version is None:
+                    raise PermanentDeliveryError(
+                        Reply.local(
+                            530,
+                            "5.7.11",
+                            f"{where} does not offer STARTTLS: the password is not sent in clear",
+                        )
+                    )
+                await smtp.login(login.user, login.password)
+        except aiosmtplib.SMTPResponseException as exc:
+            reply = Reply.parse(exc.code, exc.message)
+            error = PermanentDeliveryError if reply.is_permanent else TransientDeliveryError
+            raise error(reply) from exc
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+            raise TransientDeliveryError(
+                Reply.local(451, "4.4.1", f"session with {where} failed: {exc}")
+            ) from exc
+        return Connection(
+            smtp,
+            Site(f"{host}:{port}", (host,)),
+            host,
+            address,
+            port,
+            self._config.delivery,
+            smtp.gone,
+            tls=facts,
+            local=_local_address(smtp),
+            transport=smtp.transport,
+        )
+
     async def check(self, domain: str, connection: Connection, shaping: Shaping) -> Decision:
         """May `connection` carry mail for `domain`? Judged once per session and domain:
         the facts of a session do not change, and a policy learnt meanwhile waits for
@@ -397,6 +474,14 @@ class Connector:
                     domain,
                 )
         return decision
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLogin:
+    """AUTH for a peer relay's submission port (`relay queue transfer --user`)."""
+
+    user: str
+    password: Secret  # never in a repr or a log line
 
 
 def _refusal(accept: Sequence[Requirement], host: str) -> str | None:

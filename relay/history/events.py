@@ -17,6 +17,8 @@ others):
 - `rule`: `match`, `action`, `for`, `rate`, `max_connections`, `reply`, `recipients`
 - `dsn`: `kind` (`non-delivery`, `delay`, `success`), `id` (the DSN's own), `recipients`
 - `admin`: `action` (`hold`, `release`, `flush`, `bounce`, `delete`)
+- `transfer`: `peer` (HOST:PORT), `relay` (the peer as connected to), `reply` (the
+  peer's, naming its own queue ID), `recipients`: handed to another relay node
 - `finished`: `outcome`, and a count per final status
 
 Events are for people (`relay queue show`, `relay history`), never state: the queue does
@@ -64,7 +66,7 @@ class Arrival(NamedTuple):
 
 class FinalRecipient(NamedTuple):
     address: str
-    status: str  # delivered, bounced, expired, deleted
+    status: str  # delivered, bounced, expired, transferred, deleted
     attempts: int
     reply: str
 
@@ -235,6 +237,17 @@ def notice(now: float, kind: str, dsn_id: str, recipients: list[str]) -> Event:
 
 def admin(now: float, action: str) -> Event:
     return {"time": now, "event": "admin", "action": action}
+
+
+def transferred(now: float, peer: str, relay: str, reply: str, recipients: list[str]) -> Event:
+    return {
+        "time": now,
+        "event": "transfer",
+        "peer": peer,
+        "relay": relay,
+        "reply": reply,
+        **_named(recipients),
+    }
 
 
 def _split_relay(relay: str | None) -> tuple[str | None, str | None]:

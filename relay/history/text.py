@@ -97,6 +97,10 @@ def _admin(e: Event) -> str:
     return f"{e.get('action')} by the administrator"
 
 
+def _transfer(e: Event) -> str:
+    return f"transferred to {e.get('peer')} ({e.get('relay')}): {_who(e)}: {e.get('reply')}"
+
+
 def _finished(e: Event) -> str:
     counts = {k: v for k, v in e.items() if k not in ("time", "event", "outcome")}
     detail = ", ".join(f"{k} {v}" for k, v in counts.items())
@@ -112,6 +116,7 @@ _DESCRIBE: dict[str, Callable[[Event], str]] = {
     "rule": _rule,
     "dsn": _dsn,
     "admin": _admin,
+    "transfer": _transfer,
     "finished": _finished,
 }
 

@@ -421,6 +421,79 @@ class QueueManager:
         log.info("id=%s bounced by the administrator (%d recipients)", message.id, len(waiting))
         return len(waiting)
 
+    # hand-off to a peer (relay/delivery/handoff.py)
+
+    def snapshot(self) -> list[QueuedMessage]:
+        """Every queued message now, in arrival order (a list: the registry changes
+        while a transfer walks it)."""
+        return list(self.registry.messages.values())
+
+    def queued(self, message: QueuedMessage) -> bool:
+        """Still in the queue (not finished, deleted, nor moved away meanwhile)."""
+        return not message.deleted and self.registry.get(message.id) is message
+
+    def claim(self, message: QueuedMessage, accept: Callable[[Recipient], bool]) -> list[Recipient]:
+        """Take the waiting recipients `accept` picks out of delivery, for a transfer to
+        a peer: ACTIVE at once, with no await, so no lane, schedule or routing lookup
+        sends them meanwhile (as `bounce`). A held message stays put: it is held for a
+        reason (an admin, the account guard), which the peer would not know. Recipients
+        in a delivery attempt now are not taken: they would go twice."""
+        if message.held or message.deleted:
+            return []
+        taken = [
+            r
+            for r in message.recipients
+            if r.where in _WAITING and not r.status.is_final and accept(r)
+        ]
+        self.stats.move(message, taken, Where.ACTIVE)
+        return taken
+
+    def unclaim(self, message: QueuedMessage, recipients: list[Recipient]) -> None:
+        """Recipients claimed and not transferred go back where they wait, their next
+        attempt as it was: no attempt was made here."""
+        back = [r for r in recipients if r.where is Where.ACTIVE and not r.status.is_final]
+        if back:
+            self._again(message, back)
+
+    async def transferred(
+        self,
+        message: QueuedMessage,
+        recipients: list[Recipient],
+        peer: str,
+        relay: str,
+        reply: Reply,
+    ) -> None:
+        """The peer took these claimed recipients (its 250): final here. They are marked
+        before the first await, so a transfer cancelled now cannot put them back in
+        delivery; the record is written shielded, and `stop` waits for it."""
+        taken = [r for r in recipients if r.where is Where.ACTIVE and not r.status.is_final]
+        for recipient in taken:
+            recipient.status = RecipientStatus.TRANSFERRED
+            recipient.last_reply = str(reply)
+        self.stats.move(message, taken, Where.NOWHERE)
+        providers = {r.destination.queue.provider for r in taken if r.destination}
+        provider = providers.pop() if len(providers) == 1 else DEFAULT_PROVIDER
+        task = spawn(
+            self._handed_off(message, taken, peer, relay, reply, provider),
+            self._settling,
+            f"transferred {message.id}",
+        )
+        await asyncio.shield(task)
+
+    async def _handed_off(
+        self,
+        message: QueuedMessage,
+        recipients: list[Recipient],
+        peer: str,
+        relay: str,
+        reply: Reply,
+        provider: str,
+    ) -> None:
+        settled = await self._outcomes.transferred(
+            message, recipients, peer, relay, reply, provider
+        )
+        self._after(message, settled)
+
     # reading
 
     def state(self, recipient: Recipient, paused: Callable[[str], bool]) -> str:

@@ -208,6 +208,63 @@ class Outcomes:
                 log.error("id=%s progress not saved: %s", envelope.id, exc)
         return done
 
+    async def transferred(
+        self,
+        message: QueuedMessage,
+        recipients: list[Recipient],
+        peer: str,
+        relay: str,
+        reply: Reply,
+        provider: str,
+    ) -> Settled:
+        """Record recipients a peer relay took (`relay queue transfer`): they are
+        TRANSFERRED already (the manager marked them); this logs them and makes it
+        durable. Not a delivery: no DSN, no delivery metric, no attempt counted: the
+        peer delivers, and reports, from here on."""
+        done = Settled()
+        envelope = message.envelope
+        if message.deleted:  # an admin deleted it while the peer was taking it
+            return done
+        now = self._clock.time()
+        for recipient in recipients:
+            log.info(
+                "id=%s to=<%s> provider=%s relay=%s delay=%.1f status=transferred "
+                "(transferred to %s: %s)",
+                envelope.id,
+                recipient.address,
+                provider,
+                relay,
+                now - envelope.received_at,
+                peer,
+                reply,
+                extra={
+                    "event": "transfer",
+                    "id": envelope.id,
+                    "to": recipient.address,
+                    "provider": provider,
+                    "relay": relay,
+                    "peer": peer,
+                    "status": "transferred",
+                    "reply": str(reply),
+                },
+            )
+        addresses = [r.address for r in recipients]
+        self._events.record(
+            envelope.id, events.transferred(now, peer, relay, str(reply), addresses)
+        )
+        if message.done:
+            await self._spool.remove(envelope.id)
+            done.removed = True
+            self._events.finish(message, now)
+        else:
+            try:
+                await self._spool.record(envelope.id, _records(recipients))
+            except SpoolError as exc:
+                # True in memory: nothing here sends them again. After a crash they
+                # would be delivered from here too (at least once).
+                log.error("id=%s transfer not saved: %s", envelope.id, exc)
+        return done
+
     def _keep(self, message: QueuedMessage, failures: list[Failure], now: float) -> list[Recipient]:
         """Undo the failure of recipients whose DSN could not be stored."""
         addresses = {f.recipient.address for f in failures}
@@ -246,9 +303,9 @@ class Outcomes:
         return QueuedMessage(dsn_envelope, offset)
 
 
-def _records(attempts: list[Attempt]) -> list[StateRecord]:
+def _records(done: list[Attempt] | list[Recipient]) -> list[StateRecord]:
     groups: dict[tuple[RecipientStatus, int, float, str, bool], list[int]] = defaultdict(list)
-    for attempt in attempts:
-        r = attempt.recipient
+    for item in done:
+        r = item.recipient if isinstance(item, Attempt) else item
         groups[(r.status, r.attempts, r.next_attempt, r.last_reply, r.warned)].append(r.index)
     return [StateRecord(tuple(indices), *key) for key, indices in groups.items()]

@@ -10,7 +10,9 @@ A message file is immutable once renamed into place:
 Recipient progress goes to a separate append-only log (`<id>.st`), one JSON object a
 line, so the body is written once however many recipients and attempts there are. A
 torn last line (crash mid-append) is ignored: the outcome it would have recorded is
-repeated, which is the at-least-once the SPEC allows for deliveries in flight.
+repeated, which is the at-least-once the SPEC allows for deliveries in flight. Status 5
+(`transferred`) came after the first release: a release without it skips such a line,
+and delivers those recipients itself (again, at least once, never lost).
 
 A message's timeline (relay/history) goes to a third file beside it, `<id>.ev`, once the
 message has waited a few seconds (one delivered at once never gets one): one JSON object
@@ -42,10 +44,21 @@ class RecipientStatus(enum.IntEnum):
     BOUNCED = 2
     EXPIRED = 3
     DEFERRED = 4  # pending, with a next attempt in the future
+    TRANSFERRED = 5  # handed to a peer relay (`relay queue transfer`), which took it with 250
 
     @property
     def is_final(self) -> bool:
-        return self in (RecipientStatus.DELIVERED, RecipientStatus.BOUNCED, RecipientStatus.EXPIRED)
+        return self in _FINAL
+
+
+_FINAL = frozenset(
+    (
+        RecipientStatus.DELIVERED,
+        RecipientStatus.BOUNCED,
+        RecipientStatus.EXPIRED,
+        RecipientStatus.TRANSFERRED,
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
