@@ -3,12 +3,14 @@ RCPTs past it get 452 4.3.1, and the count stays exact under concurrent sessions
 
 from __future__ import annotations
 
+import os
+import signal
 import smtplib
 import socket
 import threading
 
 from tests.relayproc import make_message
-from tests.support import depth, route, scrape, wait_until
+from tests.support import depth, listener_pid, route, scrape, wait_until
 
 CAP = 30
 DOWN = "421 4.3.0 Not now"
@@ -146,6 +148,24 @@ def test_slots_of_an_unfinished_transaction_are_freed_when_it_ends(
         smtp.mail("news@example.org")
         assert rcpt(smtp, "late@orange.fr") == 452
     assert backlog(relay) == 3
+
+
+def test_a_lost_listener_process_leaves_no_slot_behind(
+    relay_factory, dns_server, mx_farm, password_hash
+):
+    route(dns_server, "orange.fr", "127.0.0.34")
+    relay = relay_factory(**bulk_config(password_hash, cap=2))
+    first = listener_pid(relay)
+    assert first is not None
+    with relay.client(login="lists") as smtp:
+        smtp.mail("news@example.org")
+        assert [smtp.rcpt(f"h{i}@orange.fr")[0] for i in range(3)] == [250, 250, 452]
+        os.kill(first, signal.SIGKILL)  # with the transaction open: no RSET, no QUIT
+    relay.wait_log("the listener process exited")
+    assert wait_until(lambda: listener_pid(relay) not in (None, first))
+    with relay.client(login="lists") as smtp:
+        smtp.mail("news@example.org")
+        assert [smtp.rcpt(f"n{i}@orange.fr")[0] for i in range(3)] == [250, 250, 452]
 
 
 def test_the_cap_is_per_site_for_domains_without_a_provider(
