@@ -168,6 +168,25 @@ def test_a_lost_listener_process_leaves_no_slot_behind(
         assert [smtp.rcpt(f"n{i}@orange.fr")[0] for i in range(3)] == [250, 250, 452]
 
 
+def test_a_capped_rcpt_is_answered_while_the_relay_drains(
+    relay_factory, dns_server, mx_farm, password_hash
+):
+    """The listener process still reads its answers while it waits for sessions to end."""
+    route(dns_server, "orange.fr", "127.0.0.35")
+    mx = mx_farm.server("127.0.0.35")
+    relay = relay_factory(**bulk_config(password_hash, cap=1))
+    with relay.client(login="lists") as smtp:
+        smtp.mail("news@example.org")
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.wait_log("shutting down")
+        assert smtp.rcpt("a@orange.fr")[0] == 250
+        assert smtp.rcpt("b@orange.fr")[0] == 452
+        assert smtp.data(make_message("in flight"))[0] == 250
+    assert relay.proc.wait(60) == 0
+    relay.start()
+    assert mx.wait_messages(1)[0].rcpt_tos == ["a@orange.fr"]
+
+
 def test_the_cap_is_per_site_for_domains_without_a_provider(
     relay_factory, dns_server, mx_farm, password_hash
 ):

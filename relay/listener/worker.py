@@ -103,6 +103,7 @@ async def _serve(channel: socket.socket) -> None:
         if message[0] == "drain":
             break
     reading.cancel()
+    await asyncio.gather(reading, return_exceptions=True)
     await listeners.close()
     writer.close()
 
