@@ -36,6 +36,7 @@ from relay.history.events import Arrival
 from relay.listener.supervisor import ListenerProcess
 from relay.metrics import Metrics, StateCollector
 from relay.notify import Notifier
+from relay.queue.admission import Admission
 from relay.queue.manager import QueueManager
 from relay.queue.models import QueuedMessage
 from relay.routing.router import Router
@@ -65,6 +66,7 @@ class Relay:
         self.queue = QueueManager(
             config, self.spool, self.router, self.metrics, clock, recorder=self.history.writer
         )
+        self.admission = Admission(config, self.router, self.queue.stats, self.metrics)
         self.suspensions = Suspensions(config.spool_path)
         self.connector = Connector(config, self.resolver)
         self.dispatcher = Dispatcher(
@@ -207,7 +209,7 @@ class Relay:
             self.config.admin.address,
             self.config.admin.port,
         )
-        self.listeners = ListenerProcess(self.config, self, self._listener_lost)
+        self.listeners = ListenerProcess(self.config, self, self._listener_lost, self.admission)
         self._recover_in_background(started, "recovered")
         await self.listeners.start()
 
@@ -267,6 +269,7 @@ class Relay:
             self.resolver = Resolver(config.dns)
         self.router = Router(config, self.resolver, self._clock)
         self.queue.reconfigure(config, self.router)
+        self.admission.reconfigure(config, self.router)
         self.connector.reconfigure(config, self.resolver)
         self.dispatcher.context.config = config
         for lane in list(self.dispatcher.lanes.values()):

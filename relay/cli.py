@@ -106,7 +106,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for cls in sorted(config.classes.values(), key=lambda c: -c.priority):
         print(
             f"  {cls.name}: priority={cls.priority} rate={cls.rate or '-'} "
-            f"detect={','.join(cls.detect) or '-'}"
+            f"detect={','.join(cls.detect) or '-'} max_queued={cls.max_queued or '-'}"
         )
     print("providers:")
     rows = [

@@ -96,6 +96,12 @@ class Metrics:
             ["provider", "policy", "result"],
             registry=r,
         )
+        self.admission_refused = Counter(
+            "relay_admission_refused",
+            "RCPTs refused (452 4.3.1) because the class's backlog for the provider is full",
+            ["provider", "class"],
+            registry=r,
+        )
         self.reload_success = Gauge(
             "relay_config_reload_success",
             "1 if the last configuration (re)load succeeded",

@@ -9,6 +9,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -71,3 +72,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def listener_pid(relay: RelayProcess) -> int | None:
+    """The daemon's listener process (relay/listener/worker.py), if one runs now."""
+    assert relay.proc is not None
+    pid = relay.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) <= 1, children
+    return int(children[0]) if children else None

@@ -23,6 +23,7 @@ EXPORTED = {  # SPEC §8, as exported (counters with _total, the histogram's ser
     "relay_delivery_delay_seconds_count",
     "relay_connections_open",
     "relay_provider_suspended",
+    "relay_admission_refused_total",
     "relay_spool_messages",
     "relay_spool_bytes",
     "relay_config_reload_success",

@@ -12,16 +12,8 @@ from pathlib import Path
 from relay.spool import Envelope, EnvelopeRecipient, Spool
 from relay.spool.records import encode_header
 from tests.load import received_ids
-from tests.relayproc import RelayProcess, make_message
-from tests.support import depth, scrape, wait_until
-
-
-def listener_pid(relay: RelayProcess) -> int | None:
-    assert relay.proc is not None
-    pid = relay.proc.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    assert len(children) <= 1, children
-    return int(children[0]) if children else None
+from tests.relayproc import make_message
+from tests.support import depth, listener_pid, scrape, wait_until
 
 
 def test_a_dead_listener_process_is_replaced_and_what_it_stored_is_delivered(

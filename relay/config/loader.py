@@ -207,6 +207,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
             cnode.get("rate", parse_rate, None),
             detect,
             cnode.get("egress", egress_name, None),
+            cnode.get("max_queued", v.integer(1), None),
         )
         cnode.finish()
 

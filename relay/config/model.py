@@ -99,6 +99,9 @@ class TrafficClass:
     rate: Rate | None
     detect: tuple[str, ...]
     egress: str | None = None  # the source its mail leaves from (SPEC §14)
+    # Recipients of this class queued per provider (or site) beyond which new RCPTs get
+    # 452 4.3.1 (SPEC §12, relay/queue/admission.py); None: no cap.
+    max_queued: int | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from relay.config.model import Account, Config, Listener
 from relay.dkim import Signer, SigningError
 from relay.errors import SpoolError
 from relay.history.events import Arrival
+from relay.listener.admission import AdmissionClient
 from relay.listener.fastdir import dispatch_names
 from relay.listener.headers import detect, field_names, header_block, trace_headers
 from relay.listener.policy import Client, ConnectionGate, Policy, Refusal
@@ -63,6 +64,7 @@ class Transaction:
     envid: str | None
     ret: str | None
     smtputf8: bool
+    ticket: int = 0  # its admission control ticket (relay.listener.admission)
 
 
 class SubmissionHandler:
@@ -74,6 +76,7 @@ class SubmissionHandler:
         gate: ConnectionGate,
         spool: Spool,
         events: ListenerEvents,
+        admission: AdmissionClient,
     ) -> None:
         self.config = config  # these three replaced on reload
         self.listener = listener
@@ -84,6 +87,7 @@ class SubmissionHandler:
         self.gate = gate
         self.spool = spool
         self.events = events
+        self.admission = admission
         self.sessions: set[Session] = set()
 
     def __dir__(self) -> list[str]:
@@ -113,8 +117,24 @@ class SubmissionHandler:
     def note_rejected(self, reason: str) -> None:
         self.events.rejected(reason)
 
+    def _envelope_class(self, account: Account | None) -> str:
+        """The class the account or listener gives; headers may change it at DATA."""
+        return account.class_name if account and account.class_name else self.listener.class_name
+
+    async def admit(self, client: Client, ticket: int, address: str) -> str | None:
+        """None: the recipient may be accepted; else the reply refusing it (SPEC §12).
+
+        Asked only for a class with `max_queued`, so other mail pays nothing. The class
+        is the one known at RCPT (account, else listener): headers that put a message in
+        another class are read only at DATA, too late to refuse one recipient."""
+        class_name = self._envelope_class(client.account)
+        traffic = self.config.classes.get(class_name)
+        if traffic is None or traffic.max_queued is None:
+            return None
+        return await self.admission.admit(ticket, class_name, address.rpartition("@")[2])
+
     def _class_for(self, account: Account | None, headers: bytes, names: set[str]) -> str:
-        name = account.class_name if account and account.class_name else self.listener.class_name
+        name = self._envelope_class(account)
         triggered = detect(headers, names)
         if triggered:
             for candidate in sorted(self.config.classes.values(), key=lambda c: c.priority):
@@ -177,6 +197,8 @@ class SubmissionHandler:
         )
         client = transaction.client
         arrival = Arrival(client.peer_ip, transaction.helo, client.tls, self.listener.name, dkim)
+        # Just before "accepted": its admission slots are held until it is queued.
+        self.admission.queued(transaction.ticket, message_id)
         self.events.accepted(envelope, offset, arrival)
         return f"250 2.0.0 Ok: queued as {message_id}"
 

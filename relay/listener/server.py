@@ -20,6 +20,7 @@ from typing import Any
 from relay.config.model import Config, Listener
 from relay.dns.resolver import Resolver
 from relay.errors import RelayError
+from relay.listener.admission import AdmissionClient
 from relay.listener.handler import ListenerEvents, SubmissionHandler
 from relay.listener.policy import ConnectionGate, Policy
 from relay.listener.session import Submission
@@ -93,6 +94,7 @@ class Listeners:
         tls_context: ssl.SSLContext | None,
         events: ListenerEvents,
         resolver: Resolver,
+        admission: AdmissionClient,
     ) -> None:
         self.resolver = resolver
         self.config = config
@@ -103,6 +105,7 @@ class Listeners:
         )
         self._spool = spool
         self._events = events
+        self._admission = admission
         self.handlers: list[SubmissionHandler] = []
         self.servers: list[asyncio.Server] = []
 
@@ -117,6 +120,7 @@ class Listeners:
                 self.gate,
                 self._spool,
                 self._events,
+                self._admission,
             )
             self.handlers.append(handler)
             for sock in sockets[listener.name]:

@@ -54,6 +54,7 @@ class Submission(SMTP):
         self._handshaking = False
         self.recipients: list[EnvelopeRecipient] = []
         self.mail_params: dict[str, str] = {}
+        self.ticket = 0  # the transaction's admission ticket, taken at its first RCPT
 
     def __dir__(self) -> list[str]:
         return dispatch_names(type(self))
@@ -148,6 +149,7 @@ class Submission(SMTP):
         if not self._admitted:
             return
         self._release()
+        self._end_transaction()
         super().connection_lost(error)
 
     @property
@@ -176,6 +178,14 @@ class Submission(SMTP):
         super()._set_rset_state()  # type: ignore[no-untyped-call]
         self.recipients = []
         self.mail_params = {}
+        self._end_transaction()
+
+    def _end_transaction(self) -> None:
+        """RSET, EHLO, DATA done or refused, the client gone: admission slots the
+        transaction still holds are free (a queued message took its own already)."""
+        if self.ticket:
+            self.handler.admission.release(self.ticket)
+            self.ticket = 0
 
     @property
     def tls_active(self) -> bool:
@@ -364,6 +374,12 @@ class Submission(SMTP):
         if refusal:
             await self.push(self.handler.refuse(refusal))
             return
+        if not self.ticket:
+            self.ticket = self.handler.admission.ticket()
+        reply = await self.handler.admit(self.client(), self.ticket, normal)
+        if reply is not None:
+            await self.push(reply)
+            return
         self.recipients.append(EnvelopeRecipient(normal, params.get("NOTIFY"), params.get("ORCPT")))
         self.envelope.rcpt_tos.append(normal)
         await self.push("250 2.1.5 Ok")
@@ -406,4 +422,5 @@ class Submission(SMTP):
             envid=self.mail_params.get("ENVID"),
             ret=self.mail_params.get("RET"),
             smtputf8=bool(self.envelope.smtp_utf8),
+            ticket=self.ticket,
         )

@@ -17,13 +17,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from relay import logs
 from relay.config.model import Config
 from relay.errors import RelayError
 from relay.listener import ipc
+from relay.listener.admission import AdmissionControl
 from relay.listener.handler import ListenerEvents
 from relay.listener.server import bind_sockets
+from relay.tasks import spawn
 
 log = logging.getLogger("relay.listener")
 
@@ -33,12 +36,18 @@ START_TIMEOUT = 60.0
 
 class ListenerProcess:
     def __init__(
-        self, config: Config, events: ListenerEvents, on_lost: Callable[[float], None]
+        self,
+        config: Config,
+        events: ListenerEvents,
+        on_lost: Callable[[float], None],
+        admission: AdmissionControl,
     ) -> None:
         """`on_lost(when)`: the process died; messages it stored may not have been reported."""
         self.config = config
         self._events = events
         self._on_lost = on_lost
+        self._admission = admission
+        self._asking: set[asyncio.Task[Any]] = set()  # admission requests being decided
         self._sockets = bind_sockets(config)
         self._writer: asyncio.StreamWriter | None = None
         self._process: asyncio.subprocess.Process | None = None
@@ -80,6 +89,8 @@ class ListenerProcess:
 
     async def close(self) -> None:
         self.draining = True
+        for task in list(self._asking):
+            task.cancel()
         if self._process is not None and self._process.returncode is None:
             self._process.kill()
         if self._task is not None:
@@ -102,6 +113,7 @@ class ListenerProcess:
             served = self._ready.is_set()
             self._ready.clear()
             self._writer = None
+            self._admission.reset()  # its open transactions are gone with it
             await process.wait()
             if self.draining:
                 return
@@ -122,7 +134,12 @@ class ListenerProcess:
     def _dispatch(self, message: tuple[object, ...]) -> None:
         kind = message[0]
         if kind == "accepted":
-            self._events.accepted(message[1], message[2], message[3])  # type: ignore[arg-type]
+            try:
+                self._events.accepted(message[1], message[2], message[3])  # type: ignore[arg-type]
+            finally:  # counted in the queue now (or lost to a bug): its slots go either way
+                self._admission.accepted(message[1].id)  # type: ignore[attr-defined]
+        elif isinstance(kind, str) and kind.startswith("admit"):
+            self._admission_frame(message)
         elif kind == "rejected":
             self._events.rejected(message[1])  # type: ignore[arg-type]
         elif kind == "auth_failed":
@@ -131,6 +148,31 @@ class ListenerProcess:
             self._events.dkim_signed(message[1], message[2])  # type: ignore[arg-type]
         elif kind == "ready":
             self._ready.set()
+
+    def _admission_frame(self, message: tuple[Any, ...]) -> None:
+        """The frames of relay.listener.admission."""
+        kind, *args = message
+        if kind == "admit":
+            spawn(self._admit(*args), self._asking, "admission")
+        elif kind == "admit_release":
+            self._admission.release(*args)
+        elif kind == "admit_queued":
+            self._admission.queued(*args)
+        elif kind == "admit_refused":
+            self._admission.refused(*args)
+
+    async def _admit(self, request: Any, ticket: Any, class_name: str, domain: str) -> None:
+        """Answer one admission request, to the process that asked (a new one after a
+        restart reuses request numbers: it must not get the old one's answer)."""
+        writer = self._writer
+        try:
+            answer = await self._admission.admit(request, ticket, class_name, domain)
+        except Exception:
+            # Admission protects the queue, it must not turn mail away on a bug: admit.
+            log.exception("admission check for %s failed; RCPT admitted", domain)
+            answer = None
+        if writer is not None and writer is self._writer and not writer.is_closing():
+            writer.write(ipc.frame("admitted", request, answer))
 
     async def _spawn(self) -> tuple[asyncio.subprocess.Process, asyncio.StreamReader]:
         ours, theirs = socket.socketpair()

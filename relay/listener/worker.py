@@ -5,10 +5,11 @@ relay.listener.worker FD`, FD its end of a socketpair) and sends ("start", confi
 {listener name: [socket fds]}). From then on this process reports each durable message
 ("accepted", envelope, body offset, arrival) before its client hears 250, each refusal
 ("rejected", reason), each refused AUTH ("auth_failed",) and each message of a DKIM
-signing domain ("dkim_signed", domain, "signed" or "failed"); it takes ("config",
-config) on reload and ("drain", grace) at shutdown, after which it exits once its
-sessions are done. If the main process dies, so does this one (PR_SET_PDEATHSIG), and
-an end of file on the socketpair means the same.
+signing domain ("dkim_signed", domain, "signed" or "failed"); it asks admission of
+RCPTs of capped classes (relay.listener.admission) and reads the answers at any time,
+even while draining. It takes ("config", config) on reload and ("drain", grace) at
+shutdown, after which it exits once its sessions are done. If the main process dies,
+so does this one (PR_SET_PDEATHSIG), and an end of file on the socketpair means the same.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from relay.dns.resolver import Resolver
 from relay.errors import RelayError
 from relay.history.events import Arrival
 from relay.listener import ipc
+from relay.listener.admission import AdmissionClient
 from relay.listener.server import Listeners
 from relay.spool.records import Envelope
 from relay.spool.store import Spool
@@ -78,8 +80,14 @@ async def _serve(channel: socket.socket) -> None:
     sockets = {name: [socket.socket(fileno=fd) for fd in numbers] for name, numbers in fds.items()}
     spool = Spool(config.spool_path, writer=1)
     spool.open()
+    admission = AdmissionClient(writer)
     listeners = Listeners(
-        config, spool, listener_context(config), _Reporter(writer), Resolver(config.dns)
+        config,
+        spool,
+        listener_context(config),
+        _Reporter(writer),
+        Resolver(config.dns),
+        admission,
     )
     await listeners.start(sockets)
     loop = asyncio.get_running_loop()
@@ -88,12 +96,33 @@ async def _serve(channel: socket.socket) -> None:
         # sessions at once; the main process says when to go.
         loop.add_signal_handler(signum, listeners.drain)
     writer.write(ipc.frame("ready"))
-    while (message := await ipc.receive(reader)) is not None:
+    commands: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+    reading = asyncio.create_task(_read(reader, admission, commands), name="commands")
+    while (message := await commands.get()) is not None:
         await _command(listeners, message)
         if message[0] == "drain":
             break
+    reading.cancel()
+    await asyncio.gather(reading, return_exceptions=True)
     await listeners.close()
     writer.close()
+
+
+async def _read(
+    reader: asyncio.StreamReader,
+    admission: AdmissionClient,
+    commands: asyncio.Queue[tuple[Any, ...] | None],
+) -> None:
+    """Answers go to the sessions waiting for them at once; commands wait their turn
+    (a drain waits for sessions that may themselves wait for an answer)."""
+    try:
+        while (message := await ipc.receive(reader)) is not None:
+            if message[0] == "admitted":
+                admission.answered(message[1], message[2])
+            else:
+                commands.put_nowait(message)
+    finally:
+        commands.put_nowait(None)
 
 
 async def _command(listeners: Listeners, message: tuple[Any, ...]) -> None:

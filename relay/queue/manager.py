@@ -120,8 +120,8 @@ class QueueManager:
             if destination is not None:
                 self._routed(message, group, destination)
                 continue
-            for recipient in group:
-                recipient.destination = None
+            # A recipient routed again keeps its previous destination during the lookup:
+            # it stays in that provider's backlog, which admission control counts.
             self.stats.move(message, group, Where.ROUTING)
             spawn(self._lookup(domain, message, group), self._routing, f"route {domain}")
 

@@ -5,9 +5,13 @@ recipient counts by (queue, provider, class, place), and, per (provider, class),
 messages have recipients waiting, with a heap ordered by arrival to answer "how old is
 the oldest" in amortised O(log n).
 
+It also keeps `backlog`: recipients queued anywhere but NOWHERE by (provider or site,
+class), what admission control compares with `classes.<name>.max_queued` (SPEC §12).
+
 A recipient's destination may change only while it is NOWHERE (the manager moves it
 there before re-routing), so its old count is always found under the key it was added
-with. A recipient still being routed has no queue yet: it is counted under `default`.
+with. A recipient being routed for the first time has no queue yet: it is counted under
+`default`, and in no backlog; one routed again keeps its previous destination meanwhile.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ CountKey = tuple[str, str, str, Where]  # queue key, provider, class, place
 class QueueStats:
     def __init__(self) -> None:
         self.counts: Counter[CountKey] = Counter()
+        self.backlog: Counter[tuple[str, str]] = Counter()  # (Destination.backlog_key, class)
         self._members: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
         self._oldest: dict[tuple[str, str], list[tuple[float, str]]] = defaultdict(list)
 
@@ -39,6 +44,11 @@ class QueueStats:
             destination = recipient.destination
             if destination is not None:
                 queue, provider = destination.queue.key, destination.queue.provider
+                if (old is Where.NOWHERE) != (to is Where.NOWHERE):
+                    backlog = (destination.backlog_key, class_name)
+                    self.backlog[backlog] += 1 if old is Where.NOWHERE else -1
+                    if self.backlog[backlog] <= 0:
+                        del self.backlog[backlog]
             else:
                 queue, provider = "", DEFAULT_PROVIDER
             if old is not Where.NOWHERE:

@@ -62,6 +62,13 @@ class Destination:
     site: Site
     reason: str  # why this queue: "domain orange.fr", "mx *.orange.fr", "default"
 
+    @property
+    def backlog_key(self) -> str:
+        """What admission control counts this mail under (SPEC §12): the provider, or for
+        `default` its site, whatever egress source it leaves from (the queue key without
+        its `@<source>`)."""
+        return self.queue.key.partition("@")[0]
+
 
 class Router:
     def __init__(
