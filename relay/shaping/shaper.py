@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from relay.config.model import Rule, Shaping, TrafficClass
-from relay.shaping.rate import Gcra, KeyedGcra
+from relay.shaping.rate import Bucket, BucketFactory, KeyedGcra, local_bucket
 
 log = logging.getLogger("relay.shaping")
 
@@ -23,15 +23,21 @@ class Shaper:
         shaping: Shaping,
         classes: dict[str, TrafficClass],
         clock: Callable[[], float] = time.monotonic,
+        buckets: BucketFactory = local_bucket,  # a cluster's shared rates (SPEC §9)
     ) -> None:
         self.shaping = shaping
         self._clock = clock
-        self._rate = Gcra(shaping.rate) if shaping.rate else None
-        self._connections = Gcra(shaping.connection_rate) if shaping.connection_rate else None
+        self._bucket = buckets
+        self._rate = buckets("provider", shaping.rate) if shaping.rate else None
+        self._connections = (
+            buckets("connection", shaping.connection_rate) if shaping.connection_rate else None
+        )
         self._mailboxes = KeyedGcra(shaping.recipient_rate) if shaping.recipient_rate else None
-        self._classes = {name: Gcra(c.rate) for name, c in classes.items() if c.rate}
+        self._classes = {
+            name: buckets(f"class {name}", c.rate) for name, c in classes.items() if c.rate
+        }
         self._throttle_until = 0.0
-        self._throttle_rate: Gcra | None = None
+        self._throttle_rate: Bucket | None = None
         self._throttle_connections: int | None = None
         self._ceiling: int | None = None  # slow start; None when not ramping
 
@@ -56,7 +62,7 @@ class Shaper:
 
     # messages
 
-    def _message_buckets(self, class_name: str) -> list[Gcra]:
+    def _message_buckets(self, class_name: str) -> list[Bucket]:
         buckets = []
         rate = self._throttle_rate if self._throttled() and self._throttle_rate else self._rate
         if rate is not None:
@@ -102,7 +108,7 @@ class Shaper:
     def throttle(self, rule: Rule) -> None:
         """Narrow the limits for `rule.duration`; a later throttle replaces an earlier one."""
         self._throttle_until = self._clock() + (rule.duration or 0)
-        self._throttle_rate = Gcra(rule.rate) if rule.rate else None
+        self._throttle_rate = self._bucket("throttle", rule.rate) if rule.rate else None
         self._throttle_connections = rule.max_connections
 
     def restart_slowly(self) -> None:
