@@ -100,9 +100,9 @@ async def test_a_stopped_then_hung_redis_is_down_within_a_second_and_comes_back(
         finally:
             hung.close()
         server.start()
-        link.recovered.clear()
+        recovered = link.on_recovery()
         assert await link.probe()
-        assert link.up and link.recovered.is_set()
+        assert link.up and recovered.is_set()
     finally:
         await link.close()
         server.stop()

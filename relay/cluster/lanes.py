@@ -82,9 +82,7 @@ class SharedLanes:
     async def follow(self, sink: LaneStateSink) -> None:
         """Apply the other nodes' events to `sink`, forever (an owned task)."""
         while True:
-            if not self._link.up:
-                await self._link.recovered.wait()
-                continue
+            await self._link.wait_up()
             try:
                 await self._session(sink)
             except ClusterUnavailable:

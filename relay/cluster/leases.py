@@ -34,6 +34,10 @@ def slots_key(lane: str) -> str:
     return f"relay:slots:{lane}"
 
 
+def wanted_key(lane: str) -> str:
+    return f"relay:wanted:{lane}"
+
+
 class Lease(Slot):
     __slots__ = ("id", "leased", "limit")
 
@@ -73,7 +77,8 @@ class SlotLeases:
             try:
                 granted = await self._link.run(
                     lambda _: self._acquire(
-                        keys=[slots_key(key)], args=[limit, self._lease_ms, lease_id]
+                        keys=[slots_key(key), wanted_key(key)],
+                        args=[limit, self._lease_ms, lease_id],
                     )
                 )
             except ClusterUnavailable:
@@ -89,6 +94,15 @@ class SlotLeases:
     def _keep(self, lease: Lease) -> Lease:
         self._held[lease.id] = lease
         return lease
+
+    async def wanted(self, slot: Slot) -> bool:
+        """Another node was refused one of this lane's slots in the last 2 s."""
+        if not isinstance(slot, Lease) or not slot.leased or not self._link.up:
+            return False
+        try:
+            return bool(await self._link.run(lambda c: c.exists(wanted_key(slot.key))))
+        except ClusterUnavailable:
+            return False
 
     def release(self, slot: Slot) -> None:
         lease = self._held.pop(slot.id, None) if isinstance(slot, Lease) else None
@@ -127,12 +141,13 @@ class SlotLeases:
 
     async def keep_forever(self) -> None:
         """Renew every lease/3, and at once when Redis comes back."""
+        recovered = self._link.on_recovery()
         while True:
             try:
-                await asyncio.wait_for(self._link.recovered.wait(), self._lease / 3)
+                await asyncio.wait_for(recovered.wait(), self._lease / 3)
             except TimeoutError:
                 pass
-            self._link.recovered.clear()
+            recovered.clear()
             try:
                 await self.renew()
             except ClusterUnavailable:

@@ -62,10 +62,20 @@ class RedisLink:
         self._clock = clock
         self.up = False
         self.since = clock()
-        self.recovered = asyncio.Event()  # set at each down → up; consumers clear it
+        self._up = asyncio.Event()  # set while up
+        self._recoveries: list[asyncio.Event] = []  # see on_recovery
         self._known = False  # the first probe logs its result even when "down"
         if gauge is not None:
             gauge.set(0)
+
+    def on_recovery(self) -> asyncio.Event:
+        """An event of the caller's own, set at each down → up; the caller clears it."""
+        event = asyncio.Event()
+        self._recoveries.append(event)
+        return event
+
+    async def wait_up(self) -> None:
+        await self._up.wait()
 
     async def run(self, command: Callable[[Redis], Awaitable[T]]) -> T:
         """`command` on the client, bounded in time; ClusterUnavailable if the link is
@@ -103,9 +113,13 @@ class RedisLink:
         if self._gauge is not None:
             self._gauge.set(1 if up else 0)
         if up:
+            self._up.set()
             log.info("cluster: Redis is up; limits are shared again")
-            self.recovered.set()
-        elif was:
+            for event in self._recoveries:
+                event.set()
+            return
+        self._up.clear()
+        if was:
             log.warning("cluster: Redis is down (%s); each node keeps its share of the limits", why)
         else:
             log.warning("cluster: Redis is unreachable (%s); local shares of the limits", why)

@@ -7,6 +7,7 @@ script, so reading TIME in it is allowed.
 
 Key layout (the prefix is `relay:`):
     relay:slots:<lane>     ZSET lease id → expiry (ms); lease id is "<node>/<random>"
+    relay:wanted:<lane>    set for 2 s when a node was refused a slot of the lane
     relay:rate:<lane>:<name>  string: the GCRA's theoretical arrival time (ms)
     relay:lanes            HASH "<lane> <kind>" → LaneEvent JSON; channel relay:lanes
     relay:nodes            HASH node → {"time", "address"}; relay:node:<node> its TTL
@@ -21,13 +22,15 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS[1] slots; ARGV max, lease ms, lease id → 1 granted, 0 all held
+# KEYS[1] slots, KEYS[2] the lane's "wanted" flag; ARGV max, lease ms, lease id
+# → 1 granted, 0 all held (and the flag says so for 2 s: an idle holder lets go)
 ACQUIRE = (
     NOW_MS
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) == false
    and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], '1', 'PX', 2000)
   return 0
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])

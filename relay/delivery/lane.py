@@ -233,6 +233,8 @@ class Lane:
                 if wait is not None and wait > 0:
                     await self._sleep(wait)
                     continue
+                if connection.slot is not None and await self._ctx.slots.wanted(connection.slot):
+                    break  # another node waits for this slot, with work: an idle one lets go
                 if not await self._wait_for_work():
                     break
         finally:

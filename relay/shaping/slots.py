@@ -29,6 +29,10 @@ class Slots(Protocol):
         """The connection's socket is gone: its slot is free."""
         ...
 
+    async def wanted(self, slot: Slot) -> bool:
+        """Someone else waits for a slot of this kind: an idle connection lets go."""
+        ...
+
 
 class LocalSlots:
     async def acquire(self, key: str, limit: int) -> Slot | None:
@@ -36,3 +40,6 @@ class LocalSlots:
 
     def release(self, slot: Slot) -> None:
         pass
+
+    async def wanted(self, slot: Slot) -> bool:
+        return False  # the lane's own workers take work from the idle ones
