@@ -6,6 +6,8 @@ submission nor the safety of the limits."""
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +20,7 @@ from tests import providers as p
 from tests.dnsserver import DnsServer
 from tests.mxserver import MxFarm
 from tests.redisserver import HungServer, RedisServer
-from tests.relayproc import RelayProcess, base_config, make_message
+from tests.relayproc import RelayProcess, base_config, environ_without_proxy, make_message
 from tests.support import route, scrape, submit_many, wait_until
 
 LEASE = "3s"
@@ -101,6 +103,16 @@ def test_three_nodes_never_open_more_than_max_connections_together(cluster, dns_
     assert mx.connections >= 60  # the sessions really were short
     status = nodes[0].api("GET", "/api/cluster")[1]
     assert {n["node"] for n in status["nodes"] if n["live"]} == {"a", "b", "c"}
+    printed = subprocess.run(
+        [sys.executable, "-m", "relay", "cluster", "status", "-c", str(nodes[1].config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=environ_without_proxy(),
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.startswith("node b: Redis up, 3 live nodes (lease 3s)")
+    assert all(f"\n{name} " in printed.stdout for name in "abc"), printed.stdout
     for node in nodes:
         assert "Redis is up" in node.log()
 

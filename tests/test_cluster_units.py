@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -285,3 +287,18 @@ async def test_a_lock_has_one_holder_and_a_growing_fencing_token(
     again = await b.acquire("takeover:c", 5)
     assert again is not None and again.token == held.token + 1
     assert not await a.keep(held, 5)
+
+
+def test_a_single_node_never_imports_redis() -> None:
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, relay.app, relay.cli, relay.listener.worker; "
+            "print('redis' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.stdout.strip() == "False", probe.stderr
