@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from relay.cluster.authfail import SharedAuthFailures
 from relay.cluster.lanes import SharedLanes
@@ -302,3 +303,23 @@ def test_a_single_node_never_imports_redis() -> None:
         timeout=60,
     )
     assert probe.stdout.strip() == "False", probe.stderr
+
+
+def test_the_cluster_block_is_read_and_checked(tmp_path: Path) -> None:
+    from relay.config.loader import load_config
+    from relay.errors import ConfigError
+
+    def load(cluster: dict[str, Any]) -> Any:
+        path = tmp_path / "relay.yaml"
+        path.write_text(yaml.safe_dump({"spool": {"path": str(tmp_path)}, "cluster": cluster}))
+        return load_config(str(path))
+
+    config = load({"redis": "redis://127.0.0.1:6379/0", "node": "relay-a", "lease": "10s"})
+    assert (config.cluster.node, config.cluster.lease) == ("relay-a", 10.0)
+    assert "6379" not in repr(config.cluster)  # the URL may carry a password
+    with pytest.raises(ConfigError) as error:
+        load({"redis": "10.0.0.5:6379", "node": "a b", "lease": "1s"})
+    problems = "\n".join(error.value.problems)
+    assert "cluster.redis: expected a URL" in problems
+    assert "cluster.node:" in problems
+    assert "cluster.lease: must be at least 3s" in problems
