@@ -21,6 +21,7 @@ from relay.admin.http import start_admin
 from relay.admin.service import QueueService
 from relay.admin.status import StatusPage
 from relay.clock import SYSTEM_CLOCK, Clock
+from relay.cluster.node import ClusterNode
 from relay.config import load_config
 from relay.config.checks import example_password_exposed
 from relay.config.model import Config
@@ -69,17 +70,25 @@ class Relay:
         self.admission = Admission(config, self.router, self.queue.stats, self.metrics)
         self.suspensions = Suspensions(config.spool_path)
         self.connector = Connector(config, self.resolver)
-        self.dispatcher = Dispatcher(
-            LaneContext(
-                config,
-                self.connector,
-                self.queue,
-                self._load,
-                self.suspensions,
-                self.metrics,
-                clock,
-            )
+        context = LaneContext(
+            config,
+            self.connector,
+            self.queue,
+            self._load,
+            self.suspensions,
+            self.metrics,
+            clock,
         )
+        self.cluster: ClusterNode | None = None
+        if config.cluster is not None:
+            port = config.listeners[0].port if config.listeners else 0
+            self.cluster = ClusterNode(
+                config.cluster, f"{config.hostname}:{port}", self.metrics, clock
+            )
+            context.slots = self.cluster.leases
+            context.buckets = self.cluster.buckets
+            context.announcer = self.cluster.lanes
+        self.dispatcher = Dispatcher(context)
         self.handoff = Handoff(self.queue, self.connector, self._load)  # relay queue transfer
         self.listeners: ListenerProcess | None = None
         self._engines: list[asyncio.Task[Any]] = []  # the schedule and the dispatcher
@@ -168,6 +177,8 @@ class Relay:
             "history prune",
         )
         listener_context(self.config)  # a bad certificate stops the start here
+        if self.cluster is not None:
+            await self.cluster.start(self.dispatcher)
         for key, suspension in self.suspensions.load().items():
             log.info(
                 "lane %s stays suspended for %.0fs: %s",
@@ -193,6 +204,7 @@ class Relay:
             readiness=self.readiness_problems,
             reload=self.reload,
             registry=self.metrics.registry,
+            cluster=self.cluster.status if self.cluster is not None else None,
             spool_path=self.config.spool_path,
             status=StatusPage(
                 config=lambda: self.config,
@@ -264,6 +276,8 @@ class Relay:
             return self._reload_failed(list(keys.problems))
         if config.spool_path != self.config.spool_path:
             log.warning("spool.path changed: it takes effect at the next restart")
+        if config.cluster != self.config.cluster:
+            log.warning("cluster changed: it takes effect at the next restart")
         self.config = config
         if config.dns != self.resolver.config:
             self.resolver = Resolver(config.dns)
@@ -326,6 +340,8 @@ class Relay:
         for task in list(self._tasks):
             task.cancel()
         await self.dispatcher.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()  # after the last connection gave its lease back
         await self.queue.stop()  # outcome writes still in flight finish
         if self.admin is not None:
             await self.admin.cleanup()

@@ -8,6 +8,8 @@
     │   ├── DnsTemporaryError       SERVFAIL, timeout: try later
     │   └── DnsPermanentError       NXDOMAIN, null MX: bounce
     ├── SigningError                a message could not be DKIM-signed: 451, try later
+    ├── ClusterUnavailable (ConnectionError)  the cluster's Redis is down or too slow:
+    │                               local limits stand in (SPEC §9)
     └── DeliveryError               carries the remote Reply when there is one
         ├── TransientDeliveryError  4xx, lost connection, timeout
         │   └── DestinationUnreachable   no MX host of the destination answered
@@ -59,6 +61,10 @@ class SigningError(RelayError):
     def __init__(self, domain: str, reason: str) -> None:
         self.domain = domain
         super().__init__(reason)
+
+
+class ClusterUnavailable(RelayError, ConnectionError):
+    """The cluster's Redis did not answer in time; the caller falls back to local state."""
 
 
 class DnsTemporaryError(DnsError):

@@ -111,6 +111,17 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
 
+    def cluster(self) -> tuple[Gauge, Gauge]:
+        """relay_cluster_redis_up and relay_cluster_nodes, registered only with `cluster`
+        (SPEC §8): a single node exports no series about a Redis it does not have."""
+        redis_up = Gauge(
+            "relay_cluster_redis_up", "1 while the cluster's Redis answers", registry=self.registry
+        )
+        nodes = Gauge(
+            "relay_cluster_nodes", "Live nodes seen in Redis (heartbeats)", registry=self.registry
+        )
+        return redis_up, nodes
+
     def watch(self, collector: Collector) -> None:
         self.registry.register(collector)
 

@@ -11,6 +11,7 @@ import pytest
 from relay.passwords import hash_password
 from tests.dnsserver import DnsServer
 from tests.mxserver import MxFarm
+from tests.redisserver import RedisServer
 from tests.relayproc import PASSWORD, RelayProcess, base_config, free_port
 
 
@@ -25,6 +26,14 @@ def dns_server() -> Iterator[DnsServer]:
     # The senders' domain must be routable (the listener checks it); nothing listens at
     # this address unless a test asks for example_org.
     server.add("example.org", "A", "127.0.0.9")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, stopped after the test."""
+    server = RedisServer(tmp_path).start()
     yield server
     server.stop()
 

@@ -101,16 +101,25 @@ def test_the_shaper_explains_each_limit_by_what_narrows_it():
     assert shaper.limits(200.0)[0].why == "adaptive"  # the throttle ended, the cut stays
 
 
-def test_the_cut_rate_takes_over_without_a_burst():
+def test_the_cut_rate_spaces_messages_twice_as_far():
     clock = FakeClock()
     shaper = Shaper(shaping(rate="60/min"), {}, clock)
     shaper.take_message("transactional")
     assert shaper.provider_delay() == 1.0
     shaper.reduce(8, TROP, now=0.0)
-    # The halved rate continues from the last event: the next one is due 2 s after it.
-    assert shaper.provider_delay() == 1.0
     shaper.take_message("transactional")
-    assert shaper.provider_delay() == 3.0
+    assert shaper.provider_delay() == 2.0
+
+
+def test_limits_from_another_node_are_taken_within_ours():
+    shaper = Shaper(shaping(max_connections=4, rate="600/min"), {}, FakeClock())
+    assert shaper.assume(2, parse_rate("150/min"), TROP + " (from node b)", at=50.0)
+    connections, rate = shaper.limits(60.0)
+    assert (connections.value, connections.why, connections.since) == (2, "adaptive", 50.0)
+    assert str(rate.value) == "150/min" and "from node b" in rate.reason
+    assert not shaper.assume(2, parse_rate("150/min"), "again", at=51.0)  # nothing new
+    assert shaper.assume(9, None, "restored", at=52.0)
+    assert shaper.max_connections() == 4 and shaper.at_rest()
 
 
 def test_adaptive_false_leaves_the_limits_alone():

@@ -1,4 +1,5 @@
-"""`relay queue …`, `relay provider …`, `relay reload`: clients of the admin API."""
+"""`relay queue …`, `relay provider …`, `relay cluster status`, `relay reload`: clients of
+the admin API."""
 
 from __future__ import annotations
 
@@ -254,6 +255,41 @@ def cmd_provider(args: argparse.Namespace, config_path: str) -> int:
     return 0
 
 
+def cluster_table(status: dict[str, Any]) -> list[str]:
+    """`relay cluster status` for people: Redis, the nodes and their heartbeats, and the
+    connection slots leased per provider or site, by node."""
+    lines = [
+        f"node {status['node']}: Redis {status['redis']}, {status['live_nodes']} live nodes "
+        f"(lease {status['lease']:g}s)"
+    ]
+    nodes = status.get("nodes")
+    if nodes is None:
+        lines.append("nodes: unknown while Redis is down")
+    else:
+        lines.append(f"{'NODE':20s} {'ADDRESS':32s} {'HEARTBEAT':>10s}  STATE")
+        for row in nodes:
+            state = "live" if row["live"] else "silent"
+            lines.append(f"{row['node']:20s} {row['address']:32s} {row['age']:9.1f}s  {state}")
+    leases = status.get("leases")
+    held_here = status.get("held_here") or {}
+    if leases is None:
+        lines.append("leases held here: " + (", ".join(f"{k}={v}" for k, v in held_here.items())))
+    elif not leases:
+        lines.append("no connection slots leased")
+    else:
+        lines.append(f"{'PROVIDER/SITE':32s} {'LEASES':>6s}  BY NODE")
+        for lane, per_node in sorted(leases.items()):
+            by_node = ", ".join(f"{n}={c}" for n, c in sorted(per_node.items()))
+            lines.append(f"{lane:32s} {sum(per_node.values()):6d}  {by_node}")
+    return lines
+
+
+def cmd_cluster(args: argparse.Namespace, config_path: str) -> int:
+    status = _client(args, config_path).call("GET", "/api/cluster")
+    print(json.dumps(status, indent=2) if args.json else "\n".join(cluster_table(status)))
+    return 0
+
+
 def cmd_reload(args: argparse.Namespace, config_path: str) -> int:
     _client(args, config_path).call("POST", "/api/reload")
     print("configuration reloaded")
@@ -344,6 +380,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     resume = psub.add_parser("resume", parents=[common])
     resume.add_argument("name")
     provider.set_defaults(func=cmd_provider)
+
+    cluster = sub.add_parser("cluster", help="the cluster as this node sees it")
+    csub = cluster.add_subparsers(dest="cluster_action", required=True)
+    cstatus = csub.add_parser(
+        "status", parents=[common], help="Redis, nodes, heartbeat ages, leases per provider"
+    )
+    cstatus.add_argument("--json", action="store_true")
+    cluster.set_defaults(func=cmd_cluster)
 
     reload = sub.add_parser(
         "reload", parents=[common], help="re-read the daemon's YAML (like SIGHUP)"

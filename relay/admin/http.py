@@ -51,6 +51,7 @@ log = logging.getLogger("relay.admin")
 AdminConfig = Callable[[], Admin]
 Readiness = Callable[[], list[str]]
 Reload = Callable[[], Awaitable[list[str]]]
+ClusterStatus = Callable[[], Awaitable[dict[str, Any]]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ALWAYS_OPEN = ("/healthz", "/readyz")  # probes from orchestrators carry no secret
@@ -213,6 +214,7 @@ def build_app(
     registry: CollectorRegistry,
     spool_path: str,
     status: StatusPage | None = None,
+    cluster: ClusterStatus | None = None,
 ) -> web.Application:
     """The admin application. Without `admin.token`, the token is generated into
     `spool_path` here, so a spool we cannot write stops the start with one sentence."""
@@ -368,6 +370,11 @@ def build_app(
             return _error(404, f"unknown action {action!r}")
         return web.json_response({"ok": True})
 
+    async def cluster_status(_: web.Request) -> web.Response:
+        if cluster is None:
+            return _error(404, "this node is not in a cluster (no cluster block in its config)")
+        return web.json_response(await cluster())
+
     async def reload_config(_: web.Request) -> web.Response:
         problems = await reload()
         if problems:
@@ -390,6 +397,7 @@ def build_app(
     app.router.add_get("/api/providers/{name}", provider_show)
     app.router.add_post("/api/providers/{name}/{action}", provider_action)
     app.router.add_post("/api/reload", reload_config)
+    app.router.add_get("/api/cluster", cluster_status)
     if status is not None:
         add_routes(app, status, credentials.expected)
     return app
@@ -404,6 +412,7 @@ async def start_admin(
     registry: CollectorRegistry,
     spool_path: str,
     status: StatusPage | None = None,
+    cluster: ClusterStatus | None = None,
 ) -> web.AppRunner:
     """Serve the admin API on admin.address:admin.port (as at start: a reload does not
     move the listener); the caller cleans the returned runner up at shutdown."""
@@ -415,6 +424,7 @@ async def start_admin(
         registry=registry,
         spool_path=spool_path,
         status=status,
+        cluster=cluster,
     )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

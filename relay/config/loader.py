@@ -377,9 +377,22 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     if root.has("cluster"):
         cnode = root.child("cluster")
         redis_url = cnode.get("redis", v.string, _MISSING)
+        node = cnode.get("node", v.string, None) or socket.gethostname()
+        lease = cnode.get("lease", parse_duration, 30.0)
+        shared_spool = cnode.get("shared_spool", v.string, None)
+        takeover_after = cnode.get("takeover_after", parse_duration, 120.0)
         cnode.finish()
+        if redis_url and not str(redis_url).startswith(("redis://", "rediss://", "unix://")):
+            problems.add(cnode.key("redis"), 'expected a URL like "redis://10.0.0.5:6379/0"')
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", node):
+            problems.add(
+                cnode.key("node"), "expected a name of letters, digits, '.', '_' or '-' (≤ 63)"
+            )
+        if lease < 3:
+            # renewed every lease/3: under a second, one Redis hiccup loses every slot
+            problems.add(cnode.key("lease"), "must be at least 3s (it is renewed every third)")
         if redis_url:
-            cluster = m.Cluster(m.Secret(redis_url))
+            cluster = m.Cluster(m.Secret(redis_url), node, lease, shared_spool, takeover_after)
 
     dkim = _dkim(root.child("dkim"), problems)
 

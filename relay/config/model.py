@@ -187,7 +187,11 @@ class Provider:
 
 @dataclass(frozen=True)
 class Cluster:
-    redis: Secret
+    redis: Secret  # the URL may carry a password
+    node: str  # unique per node; names its leases and heartbeat
+    lease: float = 30.0  # a connection slot held by a dead node comes back after this
+    shared_spool: str | None = None  # read by takeover, which is not built here
+    takeover_after: float = 120.0
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from relay.errors import (
 from relay.queue.models import Recipient
 from relay.reply import Reply
 from relay.routing.router import Site
+from relay.shaping.slots import Slot
 from relay.spool.records import Envelope
 
 log = logging.getLogger("relay.delivery")
@@ -123,6 +124,7 @@ class Connection:
     tls_failed: bool = False  # an MTA-STS policy in testing mode would have refused it
     decisions: dict[str, Decision] = field(default_factory=dict)  # by recipient domain
     released: bool = False  # closed, and its slot and counts given back (lane.py)
+    slot: Slot | None = None  # its connection slot (a lease in a cluster), held until closed
     busy: bool = False  # inside a transaction that has not finished
     local: str = ""  # the address it left from (the egress source's, or the system's)
     # Ours to close: aiosmtplib forgets its transport when it closes it, but a graceful

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from relay.clock import Clock
@@ -14,6 +14,9 @@ from relay.queue.models import Attempt, Batch, QueuedMessage, Recipient
 from relay.queue.ready import ReadyQueue
 from relay.reply import Reply, Verdict
 from relay.routing.router import Site
+from relay.shaping.lanestate import LaneAnnouncer
+from relay.shaping.rate import BucketFactory, local_bucket
+from relay.shaping.slots import LocalSlots, Slots
 from relay.shaping.suspensions import Suspensions
 
 
@@ -40,6 +43,10 @@ class QueueSide(Protocol):
 LoadMessage = Callable[[QueuedMessage], Awaitable[bytes]]
 
 
+def local_buckets(lane: str) -> BucketFactory:
+    return local_bucket
+
+
 @dataclass
 class LaneContext:
     config: Config  # replaced on reload
@@ -49,4 +56,9 @@ class LaneContext:
     suspensions: Suspensions
     metrics: Metrics
     clock: Clock
+    # One node: slots are the lane's workers, rates in memory, nobody to tell. A
+    # cluster gives leases, shared rates and an announcer (relay/cluster, SPEC §9).
+    slots: Slots = field(default_factory=LocalSlots)
+    buckets: Callable[[str], BucketFactory] = local_buckets  # lane key → its rates
+    announcer: LaneAnnouncer | None = None
     stopping: bool = False  # shutting down: finish the transaction in hand, start no other

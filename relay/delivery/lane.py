@@ -19,16 +19,23 @@ deferred with `4.7.5`, and so are that domain's next batches for `retry.initial`
 A lane pauses as a whole only when a rule or an admin suspends its provider (pause.py);
 an unreachable site backs off alone (the queue manager keeps that). After a suspension
 the lane reopens with one connection and widens on success (slow start).
+
+In a cluster (SPEC §9) a worker also holds a slot lease from the context's `slots`
+before it connects, released once its socket is gone; a lease the cluster could not
+renew ends its connection after the transaction in hand. Suspensions, resumptions and
+throttles are announced to the other nodes, and theirs arrive through the dispatcher.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
 from relay.config.model import Config, Rule
+from relay.config.units import parse_rate
 from relay.delivery.classify import classify, throttle_kind
 from relay.delivery.client import Connection
 from relay.delivery.connector import tls_refusal
@@ -49,11 +56,17 @@ from relay.queue.models import Attempt, Batch, Hop, Where
 from relay.queue.ready import ReadyQueue
 from relay.reply import Reply, Verdict
 from relay.routing.router import Queue, Site
-from relay.shaping.adaptive import Adaptive
+from relay.shaping.adaptive import CLEAN_STEP, Adaptive
+from relay.shaping.lanestate import LaneEvent
 from relay.shaping.shaper import Limit, Shaper
 from relay.tasks import spawn
 
 log = logging.getLogger("relay.delivery")
+
+# How often a worker asks again for a slot the cluster's other nodes hold all of: a
+# lease comes back when its connection closes on another node (or expires), which this
+# node cannot be told of more cheaply than by asking. Jittered so nodes do not ask in step.
+SLOT_RETRY = 0.2
 
 
 class Lane:
@@ -64,6 +77,7 @@ class Lane:
         self._on_idle = on_idle
         self.ready = ready
         self._adaptive: Adaptive | None = None  # kept across reloads
+        self._limits_at = 0.0  # wall clock of the last adaptive change, here or shared
         self.reconfigure(ready.queue)
         self._workers: set[asyncio.Task[Any]] = set()
         self._leaving: set[asyncio.Task[Any]] = set()  # surplus: closing, slot still held
@@ -73,7 +87,7 @@ class Lane:
         self._wakeup = asyncio.Event()
         self._interrupt = asyncio.Event()  # set by pause and shutdown: rate waits end early
         self._pause = Pause(
-            self.key, self.queue.provider, context.suspensions, context.clock, self.resume
+            self.key, self.queue.provider, context.suspensions, context.clock, self._pause_ended
         )
         ready.consumer = self
         restored = context.suspensions.get(self.key)
@@ -91,7 +105,11 @@ class Lane:
         self.ready.queue = queue
         self.shaping = queue.shaping
         self.shaper = Shaper(
-            self.shaping, self._ctx.config.classes, self._ctx.clock.monotonic, self._adaptive
+            self.shaping,
+            self._ctx.config.classes,
+            self._ctx.clock.monotonic,
+            buckets=self._ctx.buckets(queue.key),
+            adaptive=self._adaptive,
         )
         self._adaptive = self.shaper.adaptive
         self._rules = self.shaping.rules + self._ctx.config.rules
@@ -193,7 +211,9 @@ class Lane:
 
     def _reusable(self, connection: Connection) -> bool:
         return (
-            connection.usable and connection.transactions < self.shaping.max_messages_per_connection
+            connection.usable
+            and connection.transactions < self.shaping.max_messages_per_connection
+            and not (connection.slot is not None and connection.slot.lost)
         )
 
     async def _worker(self) -> None:
@@ -229,6 +249,8 @@ class Lane:
                 if wait is not None and wait > 0:
                     await self._sleep(wait)
                     continue
+                if connection.slot is not None and await self._ctx.slots.wanted(connection.slot):
+                    break  # another node waits for this slot, with work: an idle one lets go
                 if not await self._wait_for_work():
                     break
         finally:
@@ -262,12 +284,23 @@ class Lane:
         # and check-then-take with no await in between is atomic on the event loop.
         while (wait := self.shaper.connection_delay()) > 0 and not self._halted:
             await self._sleep(wait)
+        slots = self._ctx.slots
+        while (slot := await slots.acquire(self.key, self.shaper.max_connections())) is None:
+            if self._halted:
+                return None
+            await self._sleep(SLOT_RETRY * random.uniform(0.5, 1.5))
         if self._halted:
+            slots.release(slot)
             return None
         self.shaper.take_connection()
-        connection = await self._ctx.connector.open(
-            site, self.shaping, self._rules, domain, self._tally
-        )
+        try:
+            connection = await self._ctx.connector.open(
+                site, self.shaping, self._rules, domain, self._tally
+            )
+        except BaseException:
+            slots.release(slot)  # no socket is left open (connector.py)
+            raise
+        connection.slot = slot
         self._ctx.queue.site_reached(site)
         self._ctx.metrics.connections.labels(self.queue.provider, site.source).inc()
         return connection
@@ -311,7 +344,11 @@ class Lane:
         if connection.released:
             return
         connection.released = True
-        await connection.close()
+        try:
+            await connection.close()
+        finally:
+            if connection.slot is not None:
+                self._ctx.slots.release(connection.slot)
         self._ctx.metrics.connections.labels(self.queue.provider, connection.site.source).dec()
         # One count per session, under the strongest policy it met (SPEC §8).
         result = "tls" if connection.tls.version else "plaintext"
@@ -385,8 +422,13 @@ class Lane:
         if crowded and not throttled:  # a throttle rule has adapted already
             self._adapt(crowded[0])
         delivered = any(a.verdict is Verdict.DELIVERED for a in result.attempts)
-        if delivered and not (throttled or crowded) and self.shaper.succeeded():
-            self._kick()
+        if delivered and not (throttled or crowded):
+            adaptive = self.shaper.adaptive
+            before = (adaptive.connections, adaptive.rate) if adaptive is not None else None
+            if self.shaper.succeeded():
+                self._kick()
+                if adaptive is not None and before != (adaptive.connections, adaptive.rate):
+                    self._limits_changed(f"{CLEAN_STEP} transactions without a throttle-kind reply")
         return connection
 
     async def _reopen(
@@ -461,38 +503,105 @@ class Lane:
         if rule.action == "suspend" and rule.duration:
             self.suspend(rule.duration, str(reply))
         elif rule.action == "throttle":
-            self.shaper.throttle(rule, str(reply))
-            log.warning(
-                "provider=%s throttled for %.0fs (rate=%s max_connections=%s): %s",
-                self.queue.provider,
-                rule.duration or 0,
-                rule.rate or "-",
-                rule.max_connections or "-",
-                reply,
-            )
+            self.throttle(rule, str(reply))
             self._adapt(reply)
 
     def _adapt(self, reply: Reply) -> None:
-        """A throttle-kind reply: adaptive limits halve (SPEC §12)."""
+        """A throttle-kind reply: adaptive limits halve (SPEC §12), on every node."""
         if self.shaper.reduce(self.connections, str(reply), self._ctx.clock.time()):
-            adaptive = self.shaper.adaptive
-            assert adaptive is not None
-            log.warning(
-                "queue=%s adaptive limits: max_connections %d, rate %s: %s",
-                self.key,
-                adaptive.connections,
-                adaptive.rate or "-",
-                reply,
-            )
+            self._limits_changed(str(reply))
 
-    def suspend(self, duration: float, reason: str, persist: bool = True) -> None:
+    def _limits_changed(self, reason: str) -> None:
+        adaptive = self.shaper.adaptive
+        assert adaptive is not None
+        self._limits_at = self._ctx.clock.time()
+        log.warning(
+            "queue=%s adaptive limits: max_connections %d, rate %s: %s",
+            self.key,
+            adaptive.connections,
+            adaptive.rate or "-",
+            reason,
+        )
+        rate = adaptive.rate.text if adaptive.rate is not None else None
+        self._announce("limit", 0, reason, rate, adaptive.connections)
+
+    def assume_limits(self, event: LaneEvent) -> None:
+        """Another node's adaptive limits for this lane (SPEC §9): the same here, unless
+        this lane changed its own since (the hash is re-read: old news comes again)."""
+        if event.at <= self._limits_at:
+            return
+        self._limits_at = event.at
+        try:
+            rate = parse_rate(event.rate) if event.rate else None
+        except ValueError:
+            log.warning("lane %s: adaptive rate %r from another node ignored", self.key, event.rate)
+            return
+        connections = event.max_connections or self.shaping.max_connections
+        reason = f"{event.reason} (from node {event.node})"
+        if self.shaper.assume(connections, rate, reason, event.at):
+            self._kick()
+
+    def throttle(self, rule: Rule, reason: str, announce: bool = True) -> None:
+        self.shaper.throttle(rule, reason)
+        if announce:
+            self._announce(
+                "throttle",
+                rule.duration or 0,
+                reason,
+                rule.rate.text if rule.rate else None,
+                rule.max_connections,
+            )
+        log.warning(
+            "provider=%s throttled for %.0fs (rate=%s max_connections=%s): %s",
+            self.queue.provider,
+            rule.duration or 0,
+            rule.rate or "-",
+            rule.max_connections or "-",
+            reason,
+        )
+
+    def _announce(
+        self,
+        kind: str,
+        duration: float,
+        reason: str,
+        rate: str | None = None,
+        max_connections: int | None = None,
+    ) -> None:
+        """Tell the cluster's other nodes (SPEC §9); nothing to do on a single node."""
+        announcer = self._ctx.announcer
+        if announcer is None:
+            return
+        now = self._ctx.clock.time()
+        announcer.announce(
+            LaneEvent(
+                self.key,
+                kind,  # type: ignore[arg-type]
+                now,
+                now + duration if duration else 0.0,
+                reason,
+                rate,
+                max_connections,
+            )
+        )
+
+    def suspend(
+        self, duration: float, reason: str, persist: bool = True, announce: bool = True
+    ) -> None:
         """No new transaction for `duration`; in-flight ones finish, waiting mail stays."""
         if self._pause.start(duration, reason, persist):
+            if announce and persist:  # a suspension restored from disk is old news
+                self._announce("suspend", duration, reason)
             self.interrupt()  # idle and waiting workers notice and close their connections
             self._ctx.queue.suspended(self.ready, f"{self.key}: {reason}")
 
-    def resume(self) -> None:
-        """End a suspension now (its timer, or an admin); reopen slowly."""
+    def _pause_ended(self) -> None:
+        self.resume(announce=False)  # every node's own timer ends its pause
+
+    def resume(self, announce: bool = True) -> None:
+        """End a suspension now (its timer, an admin, another node); reopen slowly."""
+        if announce and self._pause.reason is not None:
+            self._announce("resume", 0, "")
         self._pause.end()
         self._interrupt.clear()
         self.shaper.restart_slowly()

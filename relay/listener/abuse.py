@@ -114,7 +114,7 @@ class LocalAuthFailures:
         self._waiters: dict[str, asyncio.Event] = {}
 
     async def attempt(self, ip: str, account: str) -> bool:
-        name = _key(account)
+        name = account_key(account)
         deadline = self._clock() + SETTLE_WAIT
         for _ in range(MAX_TURNS):  # each turn follows a settled check; deadline bounds all
             by_ip = self._tally(self._by_ip, ip)
@@ -149,7 +149,7 @@ class LocalAuthFailures:
         return False
 
     async def failed(self, ip: str, account: str) -> int:
-        name = _key(account)
+        name = account_key(account)
         now = self._clock()
         by_ip = self._settle(self._by_ip, ip)
         by_ip.failures.append(now)
@@ -158,7 +158,7 @@ class LocalAuthFailures:
         return len(by_ip.failures)
 
     async def passed(self, ip: str, account: str) -> None:
-        name = _key(account)
+        name = account_key(account)
         self._settle(self._by_ip, ip)
         self._settle(self._by_account, name)
         self._known_good[(name, ip)] = self._clock()
@@ -196,6 +196,10 @@ class LocalAuthFailures:
             if event is not None:
                 event.set()
 
+    def known_good(self, name: str, ip: str) -> bool:
+        """`ip` logged in to `name` (an `account_key`) within KNOWN_GOOD_FOR."""
+        return self._is_known_good(name, ip)
+
     def _is_known_good(self, name: str, ip: str) -> bool:
         since = self._known_good.get((name, ip))
         if since is None:
@@ -206,7 +210,7 @@ class LocalAuthFailures:
         return True
 
 
-def _key(account: str) -> str:
+def account_key(account: str) -> str:
     """Names differing only in case are one name to a guesser."""
     return account[:MAX_NAME].casefold()
 

@@ -30,10 +30,12 @@ from relay.dns.resolver import Resolver
 from relay.errors import RelayError
 from relay.history.events import Arrival
 from relay.listener import ipc
+from relay.listener.abuse import AuthFailures, LocalAuthFailures
 from relay.listener.admission import AdmissionClient
 from relay.listener.server import Listeners
 from relay.spool.records import Envelope
 from relay.spool.store import Spool
+from relay.tasks import spawn
 from relay.tls import listener_context
 
 log = logging.getLogger("relay.listener")
@@ -81,6 +83,18 @@ async def _serve(channel: socket.socket) -> None:
     spool = Spool(config.spool_path, writer=1)
     spool.open()
     admission = AdmissionClient(writer)
+    tasks: set[asyncio.Task[Any]] = set()
+    auth_failures: AuthFailures | None = None
+    link = None
+    if config.cluster is not None:
+        # AUTH failures counted by the whole cluster (SPEC §9), through a link of this
+        # process's own; it only ever delays an AUTH by its short timeout, never a 250.
+        from relay.cluster.authfail import SharedAuthFailures
+        from relay.cluster.link import RedisLink
+
+        link = RedisLink(str(config.cluster.redis))
+        spawn(link.watch(), tasks, "redis probe")
+        auth_failures = SharedAuthFailures(LocalAuthFailures(), link)
     listeners = Listeners(
         config,
         spool,
@@ -88,6 +102,7 @@ async def _serve(channel: socket.socket) -> None:
         _Reporter(writer),
         Resolver(config.dns),
         admission,
+        auth_failures,
     )
     await listeners.start(sockets)
     loop = asyncio.get_running_loop()
@@ -105,6 +120,10 @@ async def _serve(channel: socket.socket) -> None:
     reading.cancel()
     await asyncio.gather(reading, return_exceptions=True)
     await listeners.close()
+    for task in tasks:
+        task.cancel()
+    if link is not None:
+        await link.close()
     writer.close()
 
 

@@ -104,6 +104,19 @@ class Adaptive:
             self.cut = None
         return True
 
+    def assume(self, connections: int, rate: Rate | None, cut: Cut) -> bool:
+        """Limits another node arrived at (SPEC §9), capped by ours; True if they changed."""
+        configured_connections, configured_rate = self._configured
+        connections = max(1, min(connections, configured_connections))
+        if rate is None or configured_rate is None or rate.per_second >= configured_rate.per_second:
+            rate = configured_rate
+        if (connections, rate) == (self.connections, self.rate):
+            return False
+        self.connections, self.rate = connections, rate
+        self.cut = cut if self.narrowed else None
+        self._clean = 0
+        return True
+
     @property
     def clean(self) -> int:
         """Delivered transactions toward the next step."""

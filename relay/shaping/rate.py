@@ -8,7 +8,31 @@ back to back after an idle spell.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 from relay.config.units import Rate
+
+
+class Bucket(Protocol):
+    """What a lane's shaper asks of a rate: `Gcra` here, or one budget shared by a
+    cluster (relay/cluster/rates.py)."""
+
+    def delay(self, now: float) -> float: ...
+
+    def take(self, now: float) -> None: ...
+
+    def refund(self) -> None: ...
+
+    def idle(self, now: float) -> bool: ...
+
+
+# (name of the rate within the lane: "provider", "class bulk", "connection", ...) → bucket
+BucketFactory = Callable[[str, Rate], Bucket]
+
+
+def local_bucket(name: str, rate: Rate) -> Bucket:
+    return Gcra(rate)
 
 
 class Gcra:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from relay.config.model import Rule, Shaping, TrafficClass
 from relay.config.units import Rate
-from relay.shaping.adaptive import Adaptive
-from relay.shaping.rate import Gcra, KeyedGcra
+from relay.shaping.adaptive import Adaptive, Cut
+from relay.shaping.rate import Bucket, BucketFactory, KeyedGcra, local_bucket
 
 log = logging.getLogger("relay.shaping")
 
@@ -50,22 +50,28 @@ class Shaper:
         shaping: Shaping,
         classes: dict[str, TrafficClass],
         clock: Callable[[], float] = time.monotonic,
+        buckets: BucketFactory = local_bucket,  # a cluster's shared rates (SPEC §9)
         adaptive: Adaptive | None = None,
     ) -> None:
         """`adaptive`: the previous shaper's, on a reload: a cut in force stays."""
         self.shaping = shaping
         self._clock = clock
-        self._rate = Gcra(shaping.rate) if shaping.rate else None
-        self._connections = Gcra(shaping.connection_rate) if shaping.connection_rate else None
+        self._bucket = buckets
+        self._rate = buckets("provider", shaping.rate) if shaping.rate else None
+        self._connections = (
+            buckets("connection", shaping.connection_rate) if shaping.connection_rate else None
+        )
         self._mailboxes = KeyedGcra(shaping.recipient_rate) if shaping.recipient_rate else None
-        self._classes = {name: Gcra(c.rate) for name, c in classes.items() if c.rate}
+        self._classes = {
+            name: buckets(f"class {name}", c.rate) for name, c in classes.items() if c.rate
+        }
         self._throttle_until = 0.0
-        self._throttle_rate: Gcra | None = None
+        self._throttle_rate: Bucket | None = None
         self._throttle_rule: Rule | None = None
         self._throttle_reason = ""
         self._ceiling: int | None = None  # slow start; None when not ramping
         self.adaptive: Adaptive | None = None
-        self._adaptive_rate: Gcra | None = None  # while adaptive limits cut the rate
+        self._adaptive_rate: Bucket | None = None  # while adaptive limits cut the rate
         if shaping.adaptive:
             self.adaptive = adaptive or Adaptive(shaping.max_connections, shaping.rate)
             self.adaptive.reconfigure(shaping.max_connections, shaping.rate)
@@ -95,12 +101,12 @@ class Shaper:
 
     # messages
 
-    def _provider_rate(self) -> Gcra | None:
+    def _provider_rate(self) -> Bucket | None:
         if self._throttled() and self._throttle_rate:
             return self._throttle_rate
         return self._adaptive_rate or self._rate
 
-    def _message_buckets(self, class_name: str) -> list[Gcra]:
+    def _message_buckets(self, class_name: str) -> list[Bucket]:
         buckets = []
         rate = self._provider_rate()
         if rate is not None:
@@ -146,7 +152,7 @@ class Shaper:
     def throttle(self, rule: Rule, reason: str = "") -> None:
         """Narrow the limits for `rule.duration`; a later throttle replaces an earlier one."""
         self._throttle_until = self._clock() + (rule.duration or 0)
-        self._throttle_rate = Gcra(rule.rate) if rule.rate else None
+        self._throttle_rate = self._bucket("throttle", rule.rate) if rule.rate else None
         self._throttle_rule = rule
         self._throttle_reason = reason
 
@@ -157,15 +163,20 @@ class Shaper:
         self._follow_adaptive_rate()
         return True
 
+    def assume(self, connections: int, rate: Rate | None, reason: str, at: float) -> bool:
+        """Another node's adaptive limits for this lane; True when they changed here."""
+        if self.adaptive is None or not self.adaptive.assume(connections, rate, Cut(at, reason)):
+            return False
+        self._follow_adaptive_rate()
+        return True
+
     def _follow_adaptive_rate(self) -> None:
-        """The adaptive rate's bucket, carrying on from the one it replaces: a change
-        of rate must not let a burst through."""
+        """The provider rate in force: the adaptive one while it is cut. It keeps the
+        provider bucket's name, so a cluster's shared budget carries on at the new
+        spacing; a local bucket starts afresh (at most one message sooner)."""
         rate = self.adaptive.rate if self.adaptive is not None else None
-        before = self._adaptive_rate or self._rate
-        self._adaptive_rate = Gcra(rate) if rate is not None and rate != self.shaping.rate else None
-        after = self._adaptive_rate or self._rate
-        if before is not None and after is not None and after is not before:
-            after.tat = max(after.tat, before.tat)
+        cut = rate is not None and rate != self.shaping.rate
+        self._adaptive_rate = self._bucket("provider", rate) if cut and rate else None
 
     def restart_slowly(self) -> None:
         if self.shaping.max_connections > 1:
