@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from relay.admin.service import QueueService
 from relay.admin.status import StatusPage
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.cluster.node import ClusterNode
+from relay.cluster.takeover import Takeover
 from relay.config import load_config
 from relay.config.checks import example_password_exposed
 from relay.config.model import Config
@@ -38,6 +40,7 @@ from relay.listener.supervisor import ListenerProcess
 from relay.metrics import Metrics, StateCollector
 from relay.notify import Notifier
 from relay.queue.admission import Admission
+from relay.queue.adoption import adopt
 from relay.queue.manager import QueueManager
 from relay.queue.models import QueuedMessage
 from relay.routing.router import Router
@@ -88,6 +91,16 @@ class Relay:
             context.slots = self.cluster.leases
             context.buckets = self.cluster.buckets
             context.announcer = self.cluster.lanes
+        self.takeover: Takeover | None = None
+        if self.cluster is not None and config.cluster and config.cluster.shared_spool:
+            self.takeover = Takeover(
+                config.cluster,
+                self.cluster.nodes,
+                self.cluster.locks,
+                lambda directory, proceed: adopt(directory, self.spool, self.queue, proceed),
+                self._fenced,
+            )
+            context.may_deliver = self.takeover.may_deliver
         self.dispatcher = Dispatcher(context)
         self.handoff = Handoff(self.queue, self.connector, self._load)  # relay queue transfer
         self.listeners: ListenerProcess | None = None
@@ -179,6 +192,8 @@ class Relay:
         listener_context(self.config)  # a bad certificate stops the start here
         if self.cluster is not None:
             await self.cluster.start(self.dispatcher)
+        if self.takeover is not None:
+            await self.takeover.claim()  # before this spool's mail is queued or taken
         for key, suspension in self.suspensions.load().items():
             log.info(
                 "lane %s stays suspended for %.0fs: %s",
@@ -223,7 +238,16 @@ class Relay:
         )
         self.listeners = ListenerProcess(self.config, self, self._listener_lost, self.admission)
         self._recover_in_background(started, "recovered")
+        if self.takeover is not None:
+            spawn(self.takeover.watch_forever(), self._tasks, "takeover")
         await self.listeners.start()
+
+    def _fenced(self, why: str) -> None:
+        """Another node adopted this spool while this one ran (it was thought dead): no
+        new transaction from here, drain and exit; at the next start `claim` waits."""
+        log.critical("cluster: %s; stopping delivery and shutting down", why)
+        self.dispatcher.drain()
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def readiness_problems(self) -> list[str]:
         problems = []

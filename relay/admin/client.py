@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from relay.admin.token import read_token, token_path
+from relay.config.model import node_spool
 from relay.errors import RelayError
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -68,6 +69,10 @@ def endpoint_from_config(path: str) -> Endpoint:
     spool_path = (_expand(spool.get("path")) if isinstance(spool, dict) else None) or (
         "/var/spool/relay"
     )
+    cluster = document.get("cluster")
+    if isinstance(cluster, dict) and isinstance(cluster.get("shared_spool"), str):
+        node = cluster.get("node")
+        spool_path = node_spool(cluster["shared_spool"], node if isinstance(node, str) else None)
     host = f"[{address}]" if ":" in address else address
     url = f"http://{host}:{port}"
     if os.environ.get("RELAY_ADMIN_TOKEN"):

@@ -39,6 +39,10 @@ class Locks:
         )
         return Held(name, int(token)) if token else None
 
+    async def held(self, name: str) -> bool:
+        """Whether anyone holds the lock now."""
+        return bool(await self._link.run(lambda client: client.exists(f"relay:lock:{name}")))
+
     async def keep(self, held: Held, ttl: float) -> bool:
         """Extend it; False when it was lost (expired, and maybe taken by another)."""
         return bool(await self._run_keep(held, int(ttl * 1000)))

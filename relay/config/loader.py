@@ -391,8 +391,16 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         if lease < 3:
             # renewed every lease/3: under a second, one Redis hiccup loses every slot
             problems.add(cnode.key("lease"), "must be at least 3s (it is renewed every third)")
+        if takeover_after < 5:
+            # heartbeats come every second and count as missed after 3.5 s
+            problems.add(cnode.key("takeover_after"), "must be at least 5s")
+        if shared_spool is not None and not os.path.isabs(shared_spool):
+            problems.add(cnode.key("shared_spool"), "expected an absolute path")
         if redis_url:
             cluster = m.Cluster(m.Secret(redis_url), node, lease, shared_spool, takeover_after)
+            if shared_spool:
+                # Each node's spool is its own directory there, so a peer can adopt it.
+                spool_path = m.node_spool(shared_spool, node)
 
     dkim = _dkim(root.child("dkim"), problems)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -183,6 +185,12 @@ class Provider:
     shaping: Shaping
     egress: str | None = None  # e.g. keep Gmail on an IPv4-only source
     shared_limits: bool = False  # one set of limits for all sources, not one per source
+
+
+def node_spool(shared_spool: str, node: str | None) -> str:
+    """A node's spool under `cluster.shared_spool` (SPEC §9): `<dir>/<node>`, the node
+    named by the machine's hostname unless `cluster.node` says otherwise."""
+    return os.path.join(shared_spool, node or socket.gethostname())
 
 
 @dataclass(frozen=True)

@@ -62,3 +62,5 @@ class LaneContext:
     buckets: Callable[[str], BucketFactory] = local_buckets  # lane key → its rates
     announcer: LaneAnnouncer | None = None
     stopping: bool = False  # shutting down: finish the transaction in hand, start no other
+    # False once another node adopted this spool (relay/cluster/takeover.py)
+    may_deliver: Callable[[], bool] = lambda: True

@@ -134,8 +134,8 @@ class Lane:
 
     @property
     def _halted(self) -> bool:
-        """No new transaction may start: paused, or shutting down."""
-        return self.paused or self._ctx.stopping
+        """No new transaction may start: paused, shutting down, or fenced off."""
+        return self.paused or self._ctx.stopping or not self._ctx.may_deliver()
 
     @property
     def busy(self) -> bool:

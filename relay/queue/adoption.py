@@ -9,23 +9,35 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from relay.queue.manager import QueueManager
 from relay.spool.store import Recovered, Spool
 
+log = logging.getLogger("relay.queue")
+
 CHUNK = 256
 
 
-async def adopt(directory: str, spool: Spool, queue: QueueManager) -> tuple[int, int]:
+async def adopt(
+    directory: str,
+    spool: Spool,
+    queue: QueueManager,
+    proceed: Callable[[], Awaitable[bool]] | None = None,
+) -> tuple[int, int]:
     """Move everything in `directory` into `spool` and queue it: (messages, recipients)
-    queued. Raises OSError/SpoolError when a file cannot be moved; what moved so far
-    is queued and safe, the rest stays there for the next try."""
+    queued. `proceed` is asked before each chunk (the takeover's lock and fencing
+    marker); False stops there. Raises OSError/SpoolError when a file cannot be moved;
+    what moved so far is queued and safe, the rest stays there for the next try."""
     source = Spool(directory)
     entries = source.recover(time.time())
     messages = recipients = 0
     while True:
+        if proceed is not None and not await proceed():
+            log.warning("adoption of %s stopped: no longer ours to take", directory)
+            return messages, recipients
         seen, moved = await asyncio.to_thread(_move, spool, source, entries)
         if moved:
             queued = await queue.recover(moved)
