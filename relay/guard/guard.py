@@ -78,7 +78,7 @@ class AccountGuard:
         self._ledgers: dict[str, Ledger] = {}
         self._settings: dict[str, GuardSettings] = {}
         self._changes: asyncio.Queue[_Change] = asyncio.Queue()
-        self._dirty = False
+        self._pending_save: asyncio.TimerHandle | None = None  # counts changed, not saved
         self._published: set[str] = set()  # accounts with a gauge series
         self.reconfigure(config)
 
@@ -117,7 +117,7 @@ class AccountGuard:
         ledger = self._ledger(account)
         now = self._clock.time()
         ledger.sent(now, recipients)
-        self._dirty = True
+        self._save_soon()
         if ledger.trip is None:
             self._judge(account, ledger, settings, now)
 
@@ -131,7 +131,7 @@ class AccountGuard:
             return
         now = self._clock.time()
         ledger.finished(now, bounced)
-        self._dirty = True
+        self._save_soon()
         if ledger.trip is None and bounced:
             self._judge(account, ledger, settings, now)
 
@@ -205,15 +205,10 @@ class AccountGuard:
 
     async def enforce(self, queue: HoldsAccounts, listener: RefusesAccounts) -> None:
         """Apply trips and releases one at a time, in order, so that a release never
-        runs in the middle of its trip's holding; and save the counts now and then."""
+        runs in the middle of its trip's holding."""
         listener.refuse(self.refused())
         while True:
-            try:
-                change = await asyncio.wait_for(self._changes.get(), SAVE_EVERY)
-            except TimeoutError:
-                if self._dirty:
-                    self._save()
-                continue
+            change = await self._changes.get()
             try:
                 if change.trip is not None:
                     held = await queue.hold_account(change.account, change.trip.reason)
@@ -282,8 +277,15 @@ class AccountGuard:
             self._gauge.labels(name).set(1 if ledger is not None and ledger.trip else 0)
         self._published = names
 
+    def _save_soon(self) -> None:
+        if self._pending_save is None:
+            loop = asyncio.get_running_loop()
+            self._pending_save = loop.call_later(SAVE_EVERY, self._save)
+
     def _save(self) -> None:
-        self._dirty = False
+        if self._pending_save is not None:
+            self._pending_save.cancel()
+            self._pending_save = None
         now = self._clock.time()
         for ledger in self._ledgers.values():
             ledger.advance(now)

@@ -48,6 +48,7 @@ class Ledger:
         "hour_counts",
         "hours",
         "judged_since",
+        "partial",
         "slots",
         "trip",
     )
@@ -56,6 +57,9 @@ class Ledger:
         self.slots: dict[int, list[int]] = {}  # slot number → [sent, delivered, bounced]
         self.hour: int | None = None  # the calendar hour being counted (time // 3600)
         self.hour_counts = [0, 0, 0]
+        # The hour counting began in is not whole: an attack starting at 12:55 must not
+        # become the baseline at 13:00.
+        self.partial = False
         self.baseline: float | None = None  # recipients per hour; None: no whole hour yet
         self.hours = 0  # whole hours learnt
         self.bounce_baseline: float | None = None  # the usual ratio, for people to compare
@@ -83,17 +87,20 @@ class Ledger:
         """Learn the whole hours that ended before `now`, and drop slots older than an hour."""
         hour = int(now // HOUR)
         if self.hour is None:
-            self.hour = hour
+            self.hour, self.partial = hour, True
         elif hour > self.hour:
             if self.trip is None:
                 self._learn(hour - self.hour - 1)
-            self.hour, self.hour_counts = hour, [0, 0, 0]
+            self.hour, self.hour_counts, self.partial = hour, [0, 0, 0], False
         oldest = int(now // SLOT) - SLOTS + 1
         for number in [n for n in self.slots if n < oldest]:
             del self.slots[number]
 
     def _learn(self, quiet: int) -> None:
         """Fold the hour just ended, then `quiet` hours without mail, into the baselines."""
+        if self.partial:
+            self.baseline, self.hours = _quiet(self.baseline, self.hours, quiet)
+            return
         sent, delivered, bounced = self.hour_counts
         self.baseline, self.hours = _average(self.baseline, self.hours, float(sent), quiet)
         if delivered + bounced:
@@ -127,11 +134,14 @@ class Ledger:
         volume, limit = self.volume(now), self.limit(settings)
         if volume > limit:
             if self.baseline is not None and limit > settings.min_volume:
-                over = f"{settings.volume_factor:g} x its baseline of {self.baseline:.0f}/h"
+                over = (
+                    f"{limit:.0f} ({settings.volume_factor:g} x its baseline of "
+                    f"{self.baseline:.1f}/h)"
+                )
             elif self.baseline is None:
                 over = f"min_volume {settings.min_volume} (no baseline yet)"
             else:
-                over = f"min_volume {settings.min_volume} (baseline {self.baseline:.0f}/h)"
+                over = f"min_volume {settings.min_volume} (baseline {self.baseline:.1f}/h)"
             return f"{volume} recipients in the last hour, over {over}"
         finished, bounced = self.outcomes(now)
         # A ratio from a handful of recipients means nothing: 1 bounce out of 2 is 50 %.
@@ -149,7 +159,7 @@ class Ledger:
         """Untrip and start counting afresh: what tripped it is not judged again."""
         self.trip = None
         self.slots.clear()
-        self.hour, self.hour_counts = int(now // HOUR), [0, 0, 0]
+        self.hour, self.hour_counts, self.partial = int(now // HOUR), [0, 0, 0], True
         self.judged_since = now
 
     # the state file
@@ -158,6 +168,7 @@ class Ledger:
         return {
             "hour": self.hour,
             "hour_counts": self.hour_counts,
+            "partial": self.partial,
             "slots": [[number, *counts] for number, counts in sorted(self.slots.items())],
             "baseline": self.baseline,
             "hours": self.hours,
@@ -179,6 +190,7 @@ class Ledger:
         if len(counts) != 3:
             raise ValueError("hour_counts: expected 3 numbers")
         ledger.hour_counts = counts
+        ledger.partial = bool(data.get("partial", False))
         for number, *slot in data.get("slots", []):
             if len(slot) != 3:
                 raise ValueError("slots: expected [number, sent, delivered, bounced]")
@@ -194,6 +206,15 @@ class Ledger:
             ledger.trip = Trip(float(trip[0]), str(trip[1]))
         ledger.judged_since = float(data.get("judged_since", 0.0))
         return ledger
+
+
+def _quiet(mean: float | None, hours: int, quiet: int) -> tuple[float | None, int]:
+    """`quiet` hours of zero added to the mean (see _average)."""
+    if not quiet:
+        return mean, hours
+    total = (mean or 0.0) * (1 - DECAY**hours) * DECAY**quiet
+    hours += quiet
+    return total / (1 - DECAY**hours), hours
 
 
 def _average(mean: float | None, hours: int, value: float, quiet: int) -> tuple[float, int]:
