@@ -145,7 +145,9 @@ class RelayProcess:
         return sorted(p.name for p in root.rglob("*") if p.is_file() and p.suffix != ".ev")
 
     @contextlib.contextmanager
-    def client(self, *, auth: bool = True, tls: bool = True) -> Iterator[smtplib.SMTP]:
+    def client(
+        self, *, auth: bool = True, tls: bool = True, user: str = "app"
+    ) -> Iterator[smtplib.SMTP]:
         smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=15)
         try:
             smtp.ehlo("client.test")
@@ -156,7 +158,7 @@ class RelayProcess:
                 smtp.starttls(context=context)
                 smtp.ehlo("client.test")
             if auth:
-                smtp.login("app", PASSWORD)
+                smtp.login(user, PASSWORD)
             yield smtp
         finally:
             with contextlib.suppress(smtplib.SMTPException, OSError):

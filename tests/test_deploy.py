@@ -26,6 +26,7 @@ EXPORTED = {  # SPEC §8, as exported (counters with _total, the histogram's ser
     "relay_spool_messages",
     "relay_spool_bytes",
     "relay_config_reload_success",
+    "relay_account_guard_tripped",
 }
 
 
