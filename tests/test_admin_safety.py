@@ -165,7 +165,16 @@ def call(port: int, method: str, path: str, token: str | None, **headers: str) -
 def test_admin_app_takes_only_what_it_serves(tmp_path):
     # No daemon object, no import of relay.app: the parts it uses, by name.
     names = list(inspect.signature(start_admin).parameters)
-    assert names == ["admin", "service", "readiness", "reload", "registry", "spool_path", "status"]
+    assert names == [
+        "admin",
+        "service",
+        "readiness",
+        "reload",
+        "registry",
+        "spool_path",
+        "status",
+        "account_guard",
+    ]
     source = (ROOT / "relay" / "admin" / "http.py").read_text()
     assert "relay.app" not in source
     probe = subprocess.run(

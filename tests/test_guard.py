@@ -127,6 +127,8 @@ def test_a_compromised_account_is_held_and_released(
     assert " 50 " in _line(listing, "app")  # the seeded baseline
     assert "since " in listing.stdout and "recipients" in listing.stdout  # why
     assert _line(listing, "shop").split()[1] == "ok"
+    code, page = relay.api("GET", "/", token=TOKEN)  # the status page reads the same gauge
+    assert code == 200 and "<h2>Tripped accounts</h2><ul><li class=bad>app</li></ul>" in page
     rows = {r["account"]: r for r in json.loads(cli(relay, "account", "list", "--json").stdout)}
     assert rows["app"]["state"] == "tripped" and rows["app"]["volume"] == ATTACK
     assert rows["shop"]["state"] == "ok" and rows["shop"]["volume"] == 20

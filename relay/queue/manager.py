@@ -96,7 +96,7 @@ class QueueManager:
         self.registry.add(message)
         guarded = self._accounts.holds(message.envelope.account)
         if guarded is not None and not message.held:
-            # Held before it is routed: no MX lookup, no lane ever sees it.
+            # Held before it is placed: no lane ever sees it.
             self._hold_now(message, "guard", guarded)
             spawn(self._mark(message), self._marking, f"hold {message.id}")
         self._route(message, [r for r in message.recipients if not r.status.is_final])
