@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 from tests.relayproc import RelayProcess, make_message
 from tests.support import depth, route, scrape, wait_until
 
@@ -191,9 +193,19 @@ def test_refuse_mode_answers_450_and_a_trip_outlives_a_restart(
     listing = cli(relay, "account", "list")
     assert _line(listing, "app").split()[1] == "tripped"
     assert "over min_volume 20" in listing.stdout
+    assert depth(relay, "default", "held") == 1  # the 21st, accepted before the trip
 
-    assert cli(relay, "account", "release", "app").returncode == 0
+    # A reload turns the account's action to hold: its MAIL is taken again, and held.
+    relay.config["accounts"] = _accounts(password_hash, action="hold", min_volume=20)
+    relay.config_path.write_text(yaml.safe_dump(relay.config))
+    assert cli(relay, "reload").returncode == 0
     assert wait_until(lambda: app_mail_code() == 250, timeout=10)
+    _send(relay, "app", "app@example.org", ["late@customers.test"])
+    assert wait_until(lambda: depth(relay, "default", "held") == 2)
+
+    released = cli(relay, "account", "release", "app")
+    assert released.stdout.strip() == "app: released; 2 held messages go out"
+    customers.wait_messages(22)
+    assert "late@customers.test" in customers.recipients()
     unknown = cli(relay, "account", "release", "nobody")
     assert unknown.returncode == 1 and "no account 'nobody'" in unknown.stderr
-    customers.wait_messages(21)
