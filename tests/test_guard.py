@@ -90,7 +90,7 @@ def test_a_compromised_account_is_held_and_released(
     (state / "guard.json").write_text(
         json.dumps({"version": 1, "accounts": {"app": {"baseline": 50, "hours": 168}}})
     )
-    relay = relay_factory(admin={"token": TOKEN}, accounts=_accounts(password_hash))
+    relay = relay_factory(admin={"token": TOKEN}, accounts=_accounts(password_hash), guard={})
     started = time.monotonic()
 
     # 2,000 messages over 4 sessions; half the addresses do not exist. Meanwhile the

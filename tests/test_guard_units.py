@@ -16,6 +16,7 @@ import pytest
 from relay.config import parse_config
 from relay.config.model import Config, GuardSettings
 from relay.dns.resolver import Resolver
+from relay.errors import ConfigError
 from relay.guard import AccountGuard, Ledger, Trip, UnknownAccount
 from relay.guard.ledger import HOUR
 from relay.metrics import Metrics
@@ -164,6 +165,42 @@ def test_the_state_round_trips_and_a_seed_needs_only_the_baseline() -> None:
     assert seeded.limit(DEFAULTS) == 250
     with pytest.raises(ValueError):
         Ledger.from_dict({"slots": [[1, 2]]})
+
+
+# the configuration
+
+
+def test_the_guard_is_on_where_a_block_says_so_and_errors_name_their_key() -> None:
+    def account(name: str, **extra: Any) -> dict[str, Any]:
+        return {"name": name, "password": "scrypt:x", "senders": ["*@x"], **extra}
+
+    off = parse_config({"accounts": [account("a"), account("b", guard={"min_volume": 10})]})
+    assert not off.guard.enabled and not off.accounts[0].guard.enabled
+    assert off.accounts[1].guard == GuardSettings(enabled=True, min_volume=10)
+    on = parse_config(
+        {
+            "guard": {"max_bounce_ratio": 0.5, "action": "refuse"},
+            "accounts": [account("a"), account("b", guard=False), account("c", guard={})],
+        }
+    )
+    expected = GuardSettings(enabled=True, max_bounce_ratio=0.5, action="refuse")
+    assert on.guard == on.accounts[0].guard == on.accounts[2].guard == expected
+    assert on.accounts[1].guard == GuardSettings(max_bounce_ratio=0.5, action="refuse")
+    assert parse_config({"guard": {}}).guard == GuardSettings(enabled=True)
+    with pytest.raises(ConfigError) as raised:
+        parse_config(
+            {
+                "guard": {"volume_factor": 0.5, "action": "drop", "max_bounce_ratio": "lots"},
+                "accounts": [account("a", guard={"min_volume": -1, "window": "1h"})],
+            }
+        )
+    assert raised.value.problems == [
+        "guard.volume_factor: expected at least 1, got 0.5",
+        "guard.max_bounce_ratio: expected a number, got 'lots'",
+        "guard.action: expected one of hold, refuse, got 'drop'",
+        "accounts[0].guard.min_volume: expected at least 1, got -1",
+        "accounts[0].guard.window: unknown key",
+    ]
 
 
 # the guard

@@ -504,7 +504,8 @@ def _dkim(node: _Node, problems: _Problems) -> m.Dkim:
 
 def _guard(parent: _Node, base: m.GuardSettings) -> m.GuardSettings:
     """`guard` under `parent` (the top level or an account), each key defaulting to
-    `base`'s; `guard: false` (or true) is short for `enabled`."""
+    `base`'s; a block turns the guard on where it is (unless `enabled: false`), and
+    `guard: false` (or true) is short for `enabled`."""
     if not parent.has("guard"):
         return base
     raw = parent.data["guard"]
@@ -513,7 +514,7 @@ def _guard(parent: _Node, base: m.GuardSettings) -> m.GuardSettings:
         return replace(base, enabled=raw)
     node = parent.child("guard")
     settings = m.GuardSettings(
-        enabled=node.get("enabled", v.boolean, base.enabled),
+        enabled=node.get("enabled", v.boolean, True),
         volume_factor=node.get("volume_factor", v.number(1), base.volume_factor),
         min_volume=node.get("min_volume", v.integer(1), base.min_volume),
         max_bounce_ratio=node.get("max_bounce_ratio", v.number(0.01, 1), base.max_bounce_ratio),

@@ -70,9 +70,10 @@ class Dns:
 @dataclass(frozen=True)
 class GuardSettings:
     """The account guard's thresholds (SPEC §12): the top-level `guard`, or one
-    account's, which overrides it key by key (relay/guard says how they are applied)."""
+    account's, which overrides it key by key (relay/guard says how they are applied).
+    Off without a `guard` block: a new relay must not hold a first big mailing."""
 
-    enabled: bool = True
+    enabled: bool = False
     volume_factor: float = 5.0  # the last hour over this many times the baseline trips
     min_volume: int = 200  # ... and over this many recipients: never below it
     max_bounce_ratio: float = 0.3  # remote 5xx over finished recipients in the last hour

@@ -8,13 +8,14 @@ time, in `enforce`: the queue holds the account's mail (`hold_account`), and wit
 mail of a tripped account is held from its arrival (the queue asks `holds`), whatever
 the action: with `refuse`, that is only the mail accepted before the listener heard.
 
-Only configured accounts are judged: not trusted-network mail (label `trusted`) nor
-DSNs (`MAILER-DAEMON`). Volume counts recipients, as a message to 500 addresses is as
-many deliveries as 500 messages; bounces count only 5xx from the receiving servers (a
-recipient relay returned itself, by expiry or an admin's bounce, is not the account's
-doing). The figures are saved in `<spool>/state/guard.json` on each trip and release,
-and at most a minute after other counts change, so a crash loses at most a minute of
-counting, and a trip outlives a restart.
+Every configured account is counted, and judged where the guard is on (a `guard`
+block): its baseline is ready the day it is turned on. Trusted-network mail (label
+`trusted`) and DSNs (`MAILER-DAEMON`) are neither. Volume counts recipients, as a
+message to 500 addresses is as many deliveries as 500 messages; bounces count only 5xx
+from the receiving servers (a recipient relay returned itself, by expiry or an admin's
+bounce, is not the account's doing). The figures are saved in `<spool>/state/guard.json`
+on each trip and release, and at most a minute after other counts change, so a crash
+loses at most a minute of counting, and a trip outlives a restart.
 """
 
 from __future__ import annotations
@@ -111,19 +112,19 @@ class AccountGuard:
 
     def received(self, account: str, recipients: int) -> None:
         """A new message of `account` was accepted."""
-        settings = self._judged(account)
+        settings = self._settings.get(account)
         if settings is None:
             return
         ledger = self._ledger(account)
         now = self._clock.time()
         ledger.sent(now, recipients)
         self._save_soon()
-        if ledger.trip is None:
+        if settings.enabled and ledger.trip is None:
             self._judge(account, ledger, settings, now)
 
     def finished(self, account: str, received_at: float, bounced: bool) -> None:
         """A recipient of `account` was delivered, or rejected by the receiving server."""
-        settings = self._judged(account)
+        settings = self._settings.get(account)
         if settings is None:
             return
         ledger = self._ledger(account)
@@ -132,7 +133,7 @@ class AccountGuard:
         now = self._clock.time()
         ledger.finished(now, bounced)
         self._save_soon()
-        if ledger.trip is None and bounced:
+        if settings.enabled and ledger.trip is None and bounced:
             self._judge(account, ledger, settings, now)
 
     def holds(self, account: str) -> str | None:
@@ -149,10 +150,6 @@ class AccountGuard:
         )
 
     # judging
-
-    def _judged(self, account: str) -> GuardSettings | None:
-        settings = self._settings.get(account)
-        return settings if settings is not None and settings.enabled else None
 
     def _action(self, account: str) -> str:
         settings = self._settings.get(account)
