@@ -34,6 +34,7 @@ from relay.delivery.handoff import Handoff
 from relay.dkim import load_keys
 from relay.dns.resolver import Resolver
 from relay.errors import ConfigError, RelayError
+from relay.guard import AccountGuard
 from relay.history import History, events
 from relay.history.events import Arrival
 from relay.listener.supervisor import ListenerProcess
@@ -67,8 +68,15 @@ class Relay:
         self.resolver = Resolver(config.dns)
         self.router = Router(config, self.resolver, clock)
         self.history = History(config.spool_path, self.spool.events_path, clock)
+        self.guard = AccountGuard(config, config.spool_path, self.metrics.guard_tripped, clock)
         self.queue = QueueManager(
-            config, self.spool, self.router, self.metrics, clock, recorder=self.history.writer
+            config,
+            self.spool,
+            self.router,
+            self.metrics,
+            clock,
+            recorder=self.history.writer,
+            accounts=self.guard,
         )
         self.admission = Admission(config, self.router, self.queue.stats, self.metrics)
         self.suspensions = Suspensions(config.spool_path)
@@ -137,6 +145,7 @@ class Relay:
         self.history.writer.record(envelope.id, events.received(envelope, arrival))
         if self.queue.registry.get(envelope.id) is None:
             self.spool.note_stored(body_offset + envelope.size)
+            self.guard.received(envelope.account, len(envelope.recipients))  # may trip it
             self.queue.submit(QueuedMessage(envelope, body_offset))
 
     def rejected(self, reason: str) -> None:
@@ -204,6 +213,8 @@ class Relay:
             queue = self.router.queue(key)
             if queue is not None:  # created now: paused before any mail routes
                 self.dispatcher.lane(self.queue.ready_queue(queue))
+        for account, trip in self.guard.load():  # before recovery: its mail is held as queued
+            log.warning("account %s stays tripped by the account guard: %s", account, trip.reason)
         service = QueueService(
             self.queue,
             self.dispatcher,
@@ -221,6 +232,7 @@ class Relay:
             registry=self.metrics.registry,
             cluster=self.cluster.status if self.cluster is not None else None,
             spool_path=self.config.spool_path,
+            account_guard=self.guard,
             status=StatusPage(
                 config=lambda: self.config,
                 lanes=lambda: list(self.dispatcher.lanes.values()),
@@ -237,6 +249,7 @@ class Relay:
             self.config.admin.port,
         )
         self.listeners = ListenerProcess(self.config, self, self._listener_lost, self.admission)
+        spawn(self.guard.enforce(self.queue, self.listeners), self._tasks, "account guard")
         self._recover_in_background(started, "recovered")
         if self.takeover is not None:
             spawn(self.takeover.watch_forever(), self._tasks, "takeover")
@@ -320,8 +333,10 @@ class Relay:
                     "under its old limits",
                     lane.queue.provider,
                 )
+        self.guard.reconfigure(config)
         if self.listeners is not None:
             self.listeners.reconfigure(config)
+            self.listeners.refuse(self.guard.refused())  # an account's action may have changed
         self.metrics.reload_success.set(1)
         log.info("configuration reloaded from %s", path)
         return []
@@ -367,6 +382,7 @@ class Relay:
         if self.cluster is not None:
             await self.cluster.stop()  # after the last connection gave its lease back
         await self.queue.stop()  # outcome writes still in flight finish
+        await self.guard.close()  # after the last outcomes were counted
         if self.admin is not None:
             await self.admin.cleanup()
         log.info("stopped; %d messages remain in the spool", self.spool.messages)

@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("queue", "provider", "reload", "history", "cluster"):
+        if args.command in ("queue", "provider", "account", "reload", "history", "cluster"):
             return int(args.func(args, _config_path(args)))
         return int(args.func(args))
     except RelayError as exc:

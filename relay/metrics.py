@@ -30,7 +30,17 @@ _STATE = {
     Where.ACTIVE: "active",
     Where.HELD: "held",
 }
-REJECT_REASONS = ("auth", "sender", "rate", "size", "recipients", "storage", "syntax", "dkim")
+REJECT_REASONS = (
+    "auth",
+    "sender",
+    "rate",
+    "size",
+    "recipients",
+    "storage",
+    "syntax",
+    "dkim",
+    "guard",
+)
 
 
 class LaneView(Protocol):
@@ -108,6 +118,12 @@ class Metrics:
             registry=r,
         )
         self.reload_success.set(1)
+        self.guard_tripped = Gauge(
+            "relay_account_guard_tripped",
+            "1 while the account guard holds the account's mail (relay account list)",
+            ["account"],
+            registry=r,
+        )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
 

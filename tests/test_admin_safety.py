@@ -165,6 +165,7 @@ def test_admin_app_takes_only_what_it_serves(tmp_path):
         "spool_path",
         "status",
         "cluster",  # relay cluster status: the status coroutine alone, not the cluster
+        "account_guard",
     ]
     source = (ROOT / "relay" / "admin" / "http.py").read_text()
     assert "relay.app" not in source

@@ -30,6 +30,7 @@ EXPORTED = {  # SPEC §8, as exported (counters with _total, the histogram's ser
     # cluster (SPEC §8, §9): exported by nodes with `cluster.redis`
     "relay_cluster_redis_up",
     "relay_cluster_nodes",
+    "relay_account_guard_tripped",
 }
 
 

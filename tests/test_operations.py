@@ -54,6 +54,7 @@ def test_every_spec_metric_is_exported(relay_factory, dns_server, mx_farm):
         "relay_spool_messages",
         "relay_spool_bytes",
         "relay_config_reload_success",
+        "relay_account_guard_tripped",
     ):
         assert name in m, name
     assert m["relay_messages_received_total"][(("account", "app"), ("class", "transactional"))] == 1

@@ -1,5 +1,5 @@
-"""`relay queue …`, `relay provider …`, `relay cluster status`, `relay reload`: clients of
-the admin API."""
+"""`relay queue …`, `relay provider …`, `relay account …`, `relay cluster status`,
+`relay reload`: clients of the admin API."""
 
 from __future__ import annotations
 
@@ -79,8 +79,13 @@ def _mailq(messages: list[dict[str, Any]]) -> str:
 
 def _show(message: dict[str, Any]) -> str:
     arrival = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(message["arrival"]))
+    held = ""
+    if message["held"]:
+        held = (
+            "  (held by the account guard)" if message.get("hold_reason") == "guard" else "  (held)"
+        )
     lines = [
-        f"id:       {message['id']}{'  (held)' if message['held'] else ''}",
+        f"id:       {message['id']}{held}",
         f"sender:   <{message['sender']}>",
         f"account:  {message['account']}",
         f"class:    {message['class']}",
@@ -290,6 +295,45 @@ def cmd_cluster(args: argparse.Namespace, config_path: str) -> int:
     return 0
 
 
+def _accounts_table(rows: list[dict[str, Any]]) -> str:
+    """The account guard's figures, one account a line; a tripped one says since when
+    and why on the next line."""
+    if not rows:
+        return "no accounts"
+    lines = [
+        f"{'ACCOUNT':20s} {'STATE':8s} {'ACTION':6s} {'LAST HOUR':>9s} {'BASELINE/H':>10s} "
+        f"{'LIMIT':>7s}  BOUNCES (LAST HOUR)"
+    ]
+    for row in rows:
+        baseline = "-" if row["baseline"] is None else f"{row['baseline']:.0f}"
+        if row["finished"]:
+            bounces = f"{row['bounce_ratio']:.0%} of {row['finished']}"
+        else:
+            bounces = "none finished"
+        if row["finished"] and row["finished"] < row["min_outcomes"]:
+            bounces += f" (judged from {row['min_outcomes']})"
+        lines.append(
+            f"{row['account']:20s} {row['state']:8s} {row['action']:6s} {row['volume']:>9d} "
+            f"{baseline:>10s} {row['limit']:>7.0f}  {bounces}"
+        )
+        if row["since"]:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["since"]))
+            lines.append(f"{'':20s} since {since}: {row['reason']}")
+    return "\n".join(lines)
+
+
+def cmd_account(args: argparse.Namespace, config_path: str) -> int:
+    client = _client(args, config_path)
+    if args.account_action == "list":
+        rows = client.call("GET", "/api/accounts")["accounts"]
+        print(json.dumps(rows, indent=2) if args.json else _accounts_table(rows))
+    else:
+        name = urllib.parse.quote(args.name, safe="")
+        result = client.call("POST", f"/api/accounts/{name}/release")
+        print(f"{args.name}: released; {result['released']} held messages go out")
+    return 0
+
+
 def cmd_reload(args: argparse.Namespace, config_path: str) -> int:
     _client(args, config_path).call("POST", "/api/reload")
     print("configuration reloaded")
@@ -388,6 +432,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     cstatus.add_argument("--json", action="store_true")
     cluster.set_defaults(func=cmd_cluster)
+    account = sub.add_parser("account", help="the account guard: figures, trips, release")
+    asub = account.add_subparsers(dest="account_action", required=True)
+    alist = asub.add_parser(
+        "list", parents=[common], help="each account's last hour, baseline, bounces, state"
+    )
+    alist.add_argument("--json", action="store_true")
+    release = asub.add_parser(
+        "release", parents=[common], help="untrip an account: its held mail goes out"
+    )
+    release.add_argument("name")
+    account.set_defaults(func=cmd_account)
 
     reload = sub.add_parser(
         "reload", parents=[common], help="re-read the daemon's YAML (like SIGHUP)"

@@ -1,8 +1,8 @@
 """The admin HTTP listener (aiohttp): /metrics, /healthz, /readyz and the JSON queue API.
 
 It is given only what it serves: the admin config (a callable, since a reload replaces
-it), the `QueueService`, a readiness probe, the reload coroutine and the metrics
-registry; never the daemon object itself.
+it), the `QueueService`, the account guard, a readiness probe, the reload coroutine and
+the metrics registry; never the daemon object itself.
 
 Every request passes `_guard` first, in this order (SPEC §12, "Admin API safety"):
 
@@ -45,6 +45,7 @@ from relay.admin.token import ensure_token
 from relay.config.model import Admin
 from relay.config.units import parse_duration
 from relay.config.values import is_loopback
+from relay.guard import AccountGuard, UnknownAccount
 
 log = logging.getLogger("relay.admin")
 
@@ -215,6 +216,7 @@ def build_app(
     spool_path: str,
     status: StatusPage | None = None,
     cluster: ClusterStatus | None = None,
+    account_guard: AccountGuard | None = None,
 ) -> web.Application:
     """The admin application. Without `admin.token`, the token is generated into
     `spool_path` here, so a spool we cannot write stops the start with one sentence."""
@@ -375,6 +377,20 @@ def build_app(
             return _error(404, "this node is not in a cluster (no cluster block in its config)")
         return web.json_response(await cluster())
 
+    async def accounts(_: web.Request) -> web.Response:
+        rows = account_guard.report() if account_guard is not None else []
+        return web.json_response({"accounts": rows})
+
+    async def account_release(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if account_guard is None:
+            raise NotFound(f"no account {name!r}: the account guard is not running")
+        try:
+            released = await account_guard.release(name)
+        except UnknownAccount as exc:
+            raise NotFound(str(exc)) from None
+        return web.json_response({"ok": True, "released": released})
+
     async def reload_config(_: web.Request) -> web.Response:
         problems = await reload()
         if problems:
@@ -398,6 +414,8 @@ def build_app(
     app.router.add_post("/api/providers/{name}/{action}", provider_action)
     app.router.add_post("/api/reload", reload_config)
     app.router.add_get("/api/cluster", cluster_status)
+    app.router.add_get("/api/accounts", accounts)
+    app.router.add_post("/api/accounts/{name}/release", account_release)
     if status is not None:
         add_routes(app, status, credentials.expected)
     return app
@@ -413,6 +431,7 @@ async def start_admin(
     spool_path: str,
     status: StatusPage | None = None,
     cluster: ClusterStatus | None = None,
+    account_guard: AccountGuard | None = None,
 ) -> web.AppRunner:
     """Serve the admin API on admin.address:admin.port (as at start: a reload does not
     move the listener); the caller cleans the returned runner up at shutdown."""
@@ -425,6 +444,7 @@ async def start_admin(
         spool_path=spool_path,
         status=status,
         cluster=cluster,
+        account_guard=account_guard,
     )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

@@ -118,6 +118,7 @@ class QueueService:
             "class": envelope.class_name,
             "account": envelope.account,
             "held": message.held,
+            "hold_reason": message.hold_reason if message.held else None,  # admin, guard
             "recipients": recipients,
         }
         if full:

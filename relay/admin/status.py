@@ -325,8 +325,8 @@ class StatusPage:
         return [_e(key), "0" if open_now is None else str(open_now), cell, rate_now]
 
     def _accounts(self, families: dict[str, Metric]) -> str:
-        # Read from the account guard's gauge (SPEC §12), so the page and alerts agree. While
-        # no guard is built the family is absent, and no account can be tripped.
+        # Read from the account guard's gauge (SPEC §12), so the page and alerts agree.
+        # Without configured accounts the family is absent: none can be tripped.
         family = families.get(TRIPPED)
         tripped = sorted(s.labels["account"] for s in family.samples if s.value) if family else []
         if not tripped:

@@ -11,6 +11,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import yaml
@@ -284,6 +285,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
     )
     dnode.finish()
 
+    guard = _guard(root, m.GuardSettings())
     accounts: list[m.Account] = []
     for path, body in root.items("accounts"):
         acnode = _Node(body, path, problems)
@@ -299,6 +301,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
                 rate=acnode.get("rate", v.optional(parse_rate), None),
                 dkim=acnode.get("dkim", v.boolean, True),
                 egress=acnode.get("egress", egress_name, None),
+                guard=_guard(acnode, guard),
             )
         )
         acnode.finish()
@@ -467,6 +470,7 @@ def parse_config(raw: object, source: str = "") -> m.Config:
         cluster=cluster,
         dkim=dkim,
         history=history,
+        guard=guard,
         egress=egress,
         default_egress=default_egress or "default",
         egress_named=egress_named,
@@ -519,6 +523,29 @@ def _dkim(node: _Node, problems: _Problems) -> m.Dkim:
     headers = node.get("headers", v.choice("default"), "default")
     node.finish()
     return m.Dkim(tuple(keys), headers)
+
+
+def _guard(parent: _Node, base: m.GuardSettings) -> m.GuardSettings:
+    """`guard` under `parent` (the top level or an account), each key defaulting to
+    `base`'s; a block turns the guard on where it is (unless `enabled: false`), and
+    `guard: false` (or true) is short for `enabled`."""
+    if not parent.has("guard"):
+        return base
+    raw = parent.data["guard"]
+    if isinstance(raw, bool):
+        parent.used.add("guard")
+        return replace(base, enabled=raw)
+    node = parent.child("guard")
+    settings = m.GuardSettings(
+        enabled=node.get("enabled", v.boolean, True),
+        volume_factor=node.get("volume_factor", v.number(1), base.volume_factor),
+        min_volume=node.get("min_volume", v.integer(1), base.min_volume),
+        max_bounce_ratio=node.get("max_bounce_ratio", v.number(0.01, 1), base.max_bounce_ratio),
+        min_outcomes=node.get("min_outcomes", v.integer(1), base.min_outcomes),
+        action=node.get("action", v.choice("hold", "refuse"), base.action),
+    )
+    node.finish()
+    return settings
 
 
 def _egress(node: _Node, problems: _Problems) -> dict[str, m.Egress]:

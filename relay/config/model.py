@@ -16,6 +16,7 @@ TlsMode = Literal["none", "starttls", "implicit"]
 DeliveryTls = Literal["disabled", "opportunistic", "required", "verify", "dane"]
 DKIM_ALGORITHMS = ("rsa", "ed25519")
 RuleAction = Literal["retry", "bounce", "suspend", "throttle"]
+GuardAction = Literal["hold", "refuse"]
 
 
 class Secret(str):
@@ -69,6 +70,20 @@ class Dns:
 
 
 @dataclass(frozen=True)
+class GuardSettings:
+    """The account guard's thresholds (SPEC §12): the top-level `guard`, or one
+    account's, which overrides it key by key (relay/guard says how they are applied).
+    Off without a `guard` block: a new relay must not hold a first big mailing."""
+
+    enabled: bool = False
+    volume_factor: float = 5.0  # the last hour over this many times the baseline trips
+    min_volume: int = 200  # ... and over this many recipients: never below it
+    max_bounce_ratio: float = 0.3  # remote 5xx over finished recipients in the last hour
+    min_outcomes: int = 50  # the ratio is judged from this many finished recipients on
+    action: GuardAction = "hold"  # hold: 250, then held; refuse: 450 4.7.1 at MAIL
+
+
+@dataclass(frozen=True)
 class Account:
     name: str
     password: Secret
@@ -77,6 +92,7 @@ class Account:
     rate: Rate | None
     dkim: bool = True  # false: this account's mail is left unsigned
     egress: str | None = None  # pins the account's mail to a source, over its class
+    guard: GuardSettings = field(default_factory=GuardSettings)  # resolved: top level + own
 
 
 @dataclass(frozen=True)
@@ -226,6 +242,7 @@ class Config:
     cluster: Cluster | None
     dkim: Dkim = field(default_factory=Dkim)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    guard: GuardSettings = field(default_factory=GuardSettings)
     # Sending sources by name; without an `egress` section, one named "default" made of
     # delivery.source_address and hostname.
     egress: dict[str, Egress] = field(default_factory=dict)

@@ -26,6 +26,20 @@ def integer(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int
     return parse
 
 
+def number(minimum: float, maximum: float | None = None) -> Callable[[Any], float]:
+    """A whole or decimal number in [minimum, maximum]."""
+
+    def parse(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and at most {maximum:g}" if maximum is not None else ""
+            raise ValueError(f"expected at least {minimum:g}{upper}, got {value:g}")
+        return float(value)
+
+    return parse
+
+
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")

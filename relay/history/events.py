@@ -10,8 +10,8 @@ others):
 - `created`: a DSN relay wrote itself: `about` (the original's ID), `kind`, `size`, `class`
 - `routed`: `domain`, `recipients`, `provider`, `queue`, `site`, `reason` (why: the
   domain glob, the MX pattern, or default)
-- `wait`: `reason` (`site backoff`, `provider suspended`, `recipient rate`), `detail`,
-  `until`, `recipients`
+- `wait`: `reason` (`site backoff`, `provider suspended`, `recipient rate`, `account
+  guard`), `detail`, `until`, `recipients`
 - `attempt`: `recipients`, `attempt`, `status`, `reply`, `mx`, `ip`, `relay`, `policy`,
   `tls`, `duration`, `next_attempt`
 - `rule`: `match`, `action`, `for`, `rate`, `max_connections`, `reply`, `recipients`

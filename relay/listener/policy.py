@@ -88,6 +88,9 @@ class Policy:
         self._key = os.urandom(32)
         self.rates = AccountRates()
         self.auth_failures: AuthFailures = auth_failures or LocalAuthFailures()
+        # Accounts the account guard tripped with `action: refuse`, as the main process
+        # last said (relay/guard): their MAIL gets 450 until released.
+        self.refused: frozenset[str] = frozenset()
 
     def reconfigure(self, config: Config, resolver: Resolver) -> None:
         """New accounts take effect at once; remembered logins are forgotten."""
@@ -149,6 +152,17 @@ class Policy:
             return Refusal(
                 f"553 5.7.1 Sender address rejected: <{sender}> not owned by user {account.name}",
                 "sender",
+            )
+        if account is not None and account.name in self.refused:
+            log.warning(
+                "account %s is tripped by the account guard: MAIL refused from %s",
+                account.name,
+                client.peer_ip,
+            )
+            return Refusal(
+                f"450 4.7.1 Error: account {account.name} is suspended by the account guard "
+                "(unusual volume or rejected mail); try again later",
+                "guard",
             )
         if account is not None and not self.rates.allow(account):
             log.warning(

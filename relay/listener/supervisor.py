@@ -53,6 +53,7 @@ class ListenerProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._refused: frozenset[str] = frozenset()  # the account guard's; sent at each start
         self.draining = False
 
     @property
@@ -76,6 +77,14 @@ class ListenerProcess:
         self.config = config
         if self._writer is not None:
             self._writer.write(ipc.frame("config", config))
+
+    def refuse(self, accounts: frozenset[str]) -> None:
+        """Accounts whose MAIL gets 450 4.7.1 (relay/guard), now and in later processes."""
+        if accounts == self._refused:
+            return
+        self._refused = accounts
+        if self._writer is not None:
+            self._writer.write(ipc.frame("guard", accounts))
 
     def drain(self, grace: float) -> None:
         """421 to new sessions; the process exits once the open ones end, or at `grace`."""
@@ -194,6 +203,6 @@ class ListenerProcess:
             theirs.close()
         self._process = process
         reader, writer = await asyncio.open_unix_connection(sock=ours)
-        writer.write(ipc.frame("start", self.config, fds))
+        writer.write(ipc.frame("start", self.config, fds, self._refused))
         self._writer = writer
         return process, reader

@@ -2,14 +2,16 @@
 
 The main process binds the sockets, starts this process (`python -m
 relay.listener.worker FD`, FD its end of a socketpair) and sends ("start", config,
-{listener name: [socket fds]}). From then on this process reports each durable message
-("accepted", envelope, body offset, arrival) before its client hears 250, each refusal
-("rejected", reason), each refused AUTH ("auth_failed",) and each message of a DKIM
-signing domain ("dkim_signed", domain, "signed" or "failed"); it asks admission of
-RCPTs of capped classes (relay.listener.admission) and reads the answers at any time,
-even while draining. It takes ("config", config) on reload and ("drain", grace) at
-shutdown, after which it exits once its sessions are done. If the main process dies,
-so does this one (PR_SET_PDEATHSIG), and an end of file on the socketpair means the same.
+{listener name: [socket fds]}, accounts the account guard refuses). From then on this
+process reports each durable message ("accepted", envelope, body offset, arrival)
+before its client hears 250, each refusal ("rejected", reason), each refused AUTH
+("auth_failed",) and each message of a DKIM signing domain ("dkim_signed", domain,
+"signed" or "failed"); it asks admission of RCPTs of capped classes
+(relay.listener.admission) and reads the answers at any time, even while draining. It
+takes ("config", config) on reload, ("guard", accounts) when the accounts the account
+guard refuses change, and ("drain", grace) at shutdown, after which it exits once its
+sessions are done. If the main process dies, so does this one (PR_SET_PDEATHSIG), and
+an end of file on the socketpair means the same.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ async def _serve(channel: socket.socket) -> None:
     start = await ipc.receive(reader)
     if start is None:
         return
-    _, config, fds = start
+    _, config, fds, refused = start
     assert isinstance(config, Config)
     sockets = {name: [socket.socket(fileno=fd) for fd in numbers] for name, numbers in fds.items()}
     spool = Spool(config.spool_path, writer=1)
@@ -104,6 +106,7 @@ async def _serve(channel: socket.socket) -> None:
         admission,
         auth_failures,
     )
+    listeners.policy.refused = frozenset(refused)
     await listeners.start(sockets)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -168,6 +171,8 @@ async def _command(listeners: Listeners, message: tuple[Any, ...]) -> None:
             "listener reconfigured; DKIM keys: %s",
             ", ".join(f"{k.domain} {k.selector} {k.algorithm}" for k in signer.keys.keys) or "none",
         )
+    elif message[0] == "guard":
+        listeners.policy.refused = frozenset(message[1])
     elif message[0] == "drain":
         listeners.drain()
         try:

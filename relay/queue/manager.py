@@ -20,11 +20,20 @@ from typing import Any
 
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.config.model import Config
+from relay.errors import SpoolError
 from relay.history import events
 from relay.history.events import NO_RECORDER, Recorder
 from relay.metrics import Metrics
 from relay.queue.deferrals import RecentDeferrals
-from relay.queue.models import Attempt, Batch, QueuedMessage, Recipient, Where
+from relay.queue.models import (
+    NO_WATCH,
+    AccountWatch,
+    Attempt,
+    Batch,
+    QueuedMessage,
+    Recipient,
+    Where,
+)
 from relay.queue.outcomes import Outcomes, Settled
 from relay.queue.ready import ReadyQueue
 from relay.queue.registry import Registry
@@ -50,22 +59,25 @@ class QueueManager:
         metrics: Metrics,
         clock: Clock = SYSTEM_CLOCK,
         recorder: Recorder = NO_RECORDER,
+        accounts: AccountWatch = NO_WATCH,
     ) -> None:
         self.config = config
         self._spool = spool
         self._router = router
         self._clock = clock
         self._events = recorder  # each message's timeline (relay/history)
+        self._accounts = accounts  # the account guard (relay/guard)
         self.registry = Registry()
         self.stats = QueueStats()
         self.schedule = Schedule(clock)
         self.sites = SiteBackoff(clock)
-        self._outcomes = Outcomes(config, spool, self.stats, metrics, clock, recorder)
+        self._outcomes = Outcomes(config, spool, self.stats, metrics, clock, recorder, accounts)
         self.deferrals = RecentDeferrals(clock)  # the status page shows the last ones
         self._ready: dict[str, ReadyQueue] = {}
         self.opened: asyncio.Queue[ReadyQueue] = asyncio.Queue()
         self._routing: set[asyncio.Task[Any]] = set()
         self._settling: set[asyncio.Task[Any]] = set()
+        self._marking: set[asyncio.Task[Any]] = set()  # hold markers of the guard's holds
         self._admin = asyncio.Lock()
 
     def reconfigure(self, config: Config, router: Router) -> None:
@@ -82,6 +94,11 @@ class QueueManager:
         if self.registry.get(message.id) is not None:
             return
         self.registry.add(message)
+        guarded = self._accounts.holds(message.envelope.account)
+        if guarded is not None and not message.held:
+            # Held before it is placed: no lane ever sees it.
+            self._hold_now(message, "guard", guarded)
+            spawn(self._mark(message), self._marking, f"hold {message.id}")
         self._route(message, [r for r in message.recipients if not r.status.is_final])
 
     async def recover(self, recovered: Iterable[Recovered]) -> tuple[int, int]:
@@ -366,12 +383,39 @@ class QueueManager:
         async with self._admin:
             if message.held:
                 return
-            message.held = True
-            waiting = [r for r in message.recipients if r.where in _WAITING]
-            self.stats.move(message, waiting, Where.HELD)
+            self._hold_now(message, "admin")
             await self._spool.set_held(message.id, True)
         self._events.record(message.id, events.admin(self._clock.time(), "hold"))
         log.info("id=%s held by the administrator", message.id)
+
+    def _hold_now(self, message: QueuedMessage, reason: str, why: str | None = None) -> None:
+        """Nothing more is attempted: recipients waiting are HELD (one in an attempt
+        now is, once the attempt has settled)."""
+        message.held = True
+        message.hold_reason = reason
+        waiting = [r for r in message.recipients if r.where in _WAITING]
+        self.stats.move(message, waiting, Where.HELD)
+        if why is not None:
+            pending = [r.address for r in message.recipients if not r.status.is_final]
+            self._events.record(
+                message.id,
+                events.waiting(self._clock.time(), "account guard", pending, None, why),
+            )
+
+    async def _mark(self, message: QueuedMessage) -> None:
+        """The marker of a hold the guard made, so it outlives a restart; under the admin
+        lock, so a release that came first is not undone on disk."""
+        async with self._admin:
+            if message.held and message.hold_reason == "guard" and not message.deleted:
+                await self._persist_hold(message)
+
+    async def _persist_hold(self, message: QueuedMessage) -> None:
+        try:
+            await self._spool.set_held(message.id, True, "guard")
+        except SpoolError as exc:
+            # Held in memory all the same; after a restart the guard, still tripped,
+            # holds it again as it is queued.
+            log.error("id=%s hold not saved: %s", message.id, exc)
 
     async def release(self, message: QueuedMessage) -> None:
         async with self._admin:
@@ -379,12 +423,57 @@ class QueueManager:
                 return
             await self._spool.set_held(message.id, False)
             message.held = False
+        self._resume(message)
+        self._events.record(message.id, events.admin(self._clock.time(), "release"))
+        log.info("id=%s released by the administrator", message.id)
+
+    def _resume(self, message: QueuedMessage) -> None:
         held = [r for r in message.recipients if r.where is Where.HELD]
         for recipient in held:
             recipient.next_attempt = 0.0
-        self._events.record(message.id, events.admin(self._clock.time(), "release"))
         self._route(message, held)
-        log.info("id=%s released by the administrator", message.id)
+
+    async def hold_account(self, account: str, reason: str) -> int:
+        """The account guard tripped `account`: hold its queued mail (Postfix's
+        `postsuper -h` for one sender), with the marker that outlives a restart."""
+        async with self._admin:
+            found = [
+                m
+                for m in list(self.registry.messages.values())
+                if m.envelope.account == account and not m.held and not m.deleted and not m.done
+            ]
+            for message in found:  # all at once: no lane takes one while markers are written
+                self._hold_now(message, "guard", reason)
+            for message in found:
+                if message.held and not message.deleted:
+                    await self._persist_hold(message)
+        log.info("account %s: %d messages held by the account guard", account, len(found))
+        return len(found)
+
+    async def release_account(self, account: str) -> int:
+        """`relay account release`: the mail the guard held for `account` goes out (what
+        an admin held by hand stays held)."""
+        released = 0
+        async with self._admin:
+            found = [
+                m
+                for m in list(self.registry.messages.values())
+                if m.envelope.account == account and m.held and m.hold_reason == "guard"
+            ]
+            for message in found:
+                if message.deleted or not message.held:
+                    continue
+                try:
+                    await self._spool.set_held(message.id, False)
+                except SpoolError as exc:
+                    log.error("id=%s stays held: %s", message.id, exc)
+                    continue
+                message.held = False
+                self._resume(message)
+                self._events.record(message.id, events.admin(self._clock.time(), "release"))
+                released += 1
+        log.info("account %s: %d messages released from the account guard", account, released)
+        return released
 
     async def delete(self, message: QueuedMessage) -> None:
         """Gone without a DSN (postsuper -d); an attempt in flight is not recorded."""
@@ -520,6 +609,7 @@ class QueueManager:
             task.cancel()
         await asyncio.gather(*self._routing, return_exceptions=True)
         await wait_all(self._settling)
+        await wait_all(self._marking)
 
 
 _WAITING = (Where.ROUTING, Where.SCHEDULED, Where.READY)
@@ -529,6 +619,7 @@ def restore(recovered: Recovered) -> QueuedMessage:
     """A spooled message as the queue knows it: recipients' progress from its log."""
     message = QueuedMessage(recovered.envelope, recovered.body_offset)
     message.held = recovered.held
+    message.hold_reason = recovered.hold_reason if recovered.held else ""
     for record in recovered.records:
         for index in record.indices:
             if 0 <= index < len(message.recipients):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from relay.reply import Reply, Verdict
 from relay.routing.router import Destination
@@ -62,13 +63,14 @@ class Recipient:
 
 
 class QueuedMessage:
-    __slots__ = ("body_offset", "deleted", "envelope", "held", "recipients")
+    __slots__ = ("body_offset", "deleted", "envelope", "held", "hold_reason", "recipients")
 
     def __init__(self, envelope: Envelope, body_offset: int) -> None:
         self.envelope = envelope
         self.body_offset = body_offset
         self.recipients = [Recipient(i, spec) for i, spec in enumerate(envelope.recipients)]
-        self.held = False  # an admin put it on hold: nothing is attempted
+        self.held = False  # on hold: nothing is attempted
+        self.hold_reason = ""  # while held: "admin" (relay queue hold) or "guard" (relay/guard)
         self.deleted = False  # an admin deleted it: outcomes in flight are ignored
 
     @property
@@ -112,3 +114,27 @@ class Attempt:
     reply: Reply
     verdict: Verdict
     hop: Hop | None = None  # None: no session was involved (DNS, site unreachable, admin)
+
+
+class AccountWatch(Protocol):
+    """The account guard as the queue sees it (relay/guard): the mail of an account it
+    holds is held from its arrival, and each recipient's final remote outcome is told."""
+
+    def holds(self, account: str) -> str | None:
+        """Why `account`'s mail is held now; None: it is not."""
+        ...
+
+    def finished(self, account: str, received_at: float, bounced: bool) -> None: ...
+
+
+class NoWatch:
+    """No account guard (unit tests of the queue alone)."""
+
+    def holds(self, account: str) -> str | None:
+        return None
+
+    def finished(self, account: str, received_at: float, bounced: bool) -> None:
+        pass
+
+
+NO_WATCH = NoWatch()

@@ -18,7 +18,7 @@ from relay.errors import SpoolError
 from relay.history import events
 from relay.history.events import NO_RECORDER, Recorder
 from relay.metrics import Metrics
-from relay.queue.models import Attempt, QueuedMessage, Recipient, Where
+from relay.queue.models import NO_WATCH, AccountWatch, Attempt, QueuedMessage, Recipient, Where
 from relay.queue.stats import QueueStats
 from relay.reply import Reply, Verdict
 from relay.routing.retry import backoff, expired
@@ -74,6 +74,7 @@ class Outcomes:
         metrics: Metrics,
         clock: Clock,
         recorder: Recorder = NO_RECORDER,
+        accounts: AccountWatch = NO_WATCH,
     ) -> None:
         self.config = config  # replaced on reload
         self._spool = spool
@@ -81,6 +82,7 @@ class Outcomes:
         self._metrics = metrics
         self._clock = clock
         self._events = recorder  # each message's timeline (relay/history)
+        self._accounts = accounts  # the account guard counts delivered and rejected
 
     async def settle(
         self,
@@ -141,6 +143,14 @@ class Outcomes:
                     failures.append(Failure(recipient.spec, reply, remote))
             elif status is RecipientStatus.DELIVERED and _relayed(attempt, envelope):
                 relayed.append(Failure(recipient.spec, reply, remote, action="relayed"))
+            # The guard's bounce ratio: the receiving servers' verdicts only, not a
+            # bounce relay made itself (an admin's, a dead domain).
+            if status is RecipientStatus.DELIVERED or (
+                status is RecipientStatus.BOUNCED and attempt.reply.remote
+            ):
+                self._accounts.finished(
+                    envelope.account, envelope.received_at, status is RecipientStatus.BOUNCED
+                )
             outcome = {RecipientStatus.EXPIRED: "expired"}.get(status, verdict.value)
             destination = recipient.destination
             egress = destination.site.source if destination is not None else "default"

@@ -47,6 +47,7 @@ class Recovered:
     held: bool = False
     size: int = 0
     mtime: float = 0.0
+    hold_reason: str = ""  # while held: "admin" or "guard" (the account guard's)
 
 
 class _GroupSync:
@@ -286,13 +287,15 @@ class Spool:
             self.messages -= 1
             self.bytes -= size
 
-    async def set_held(self, message_id: str, held: bool) -> None:
-        """Hold survives a restart: a marker file beside the message."""
+    async def set_held(self, message_id: str, held: bool, reason: str = "admin") -> None:
+        """Hold survives a restart: a marker file beside the message, saying who held it
+        ("held" for an admin, as before reasons were kept; else the reason)."""
         marker = self.message_path(message_id) + _HOLD_SUFFIX
+        content = b"held\n" if reason == "admin" else reason.encode("ascii") + b"\n"
         try:
             if held:
                 tmp = os.path.join(self._dir(message_id), _TMP_PREFIX + message_id + _HOLD_SUFFIX)
-                await asyncio.to_thread(_write_durably, tmp, marker, (b"held\n",), self._dirsync)
+                await asyncio.to_thread(_write_durably, tmp, marker, (content,), self._dirsync)
             else:
                 await asyncio.to_thread(_unlink_synced, (marker,), self._dirsync)
         except OSError as exc:
@@ -381,7 +384,8 @@ class Spool:
             with open(path + _STATE_SUFFIX, "rb") as handle:
                 records = StateRecord.decode_log(handle.read())
         held = os.path.basename(path) + _HOLD_SUFFIX in names
-        return Recovered(envelope, offset, records, held, size, stat.st_mtime)
+        reason = _hold_reason(path + _HOLD_SUFFIX) if held else ""
+        return Recovered(envelope, offset, records, held, size, stat.st_mtime, reason)
 
     def quarantine(self, message_id: str, reason: str, path: str | None = None) -> None:
         """Move a damaged entry aside: never delivered, never blocking startup."""
@@ -426,3 +430,13 @@ class Spool:
         paths = (origin, origin + _STATE_SUFFIX, origin + _HOLD_SUFFIX, origin + EVENTS_SUFFIX)
         _unlink_synced(paths, source._dirsync)
         return copied
+
+
+def _hold_reason(marker: str) -> str:
+    """Who held a message, from its marker: "guard", or "admin" (marker "held")."""
+    try:
+        with open(marker, "rb") as handle:
+            word = handle.read(64).strip()
+    except OSError:
+        return "admin"  # unreadable (or released since the directory was listed): held
+    return "guard" if word == b"guard" else "admin"
