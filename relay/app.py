@@ -99,6 +99,7 @@ class Relay:
             context.slots = self.cluster.leases
             context.buckets = self.cluster.buckets
             context.announcer = self.cluster.lanes
+            self.guard.announcer = self.cluster.guards
         self.takeover: Takeover | None = None
         if self.cluster is not None and config.cluster and config.cluster.shared_spool:
             self.takeover = Takeover(
@@ -200,7 +201,7 @@ class Relay:
         )
         listener_context(self.config)  # a bad certificate stops the start here
         if self.cluster is not None:
-            await self.cluster.start(self.dispatcher)
+            await self.cluster.start(self.dispatcher, self.guard.apply_shared)
         if self.takeover is not None:
             await self.takeover.claim()  # before this spool's mail is queued or taken
         for key, suspension in self.suspensions.load().items():

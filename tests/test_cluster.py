@@ -262,3 +262,37 @@ def test_redis_stopped_then_hung_changes_neither_submission_nor_safe_limits(
     assert mx.max_open <= 3, mx.max_open
     for node in nodes:
         assert "limits are shared again" in node.log()
+
+
+def test_an_account_tripped_on_one_node_is_refused_on_all(
+    cluster, dns_server, mx_farm, password_hash
+):
+    """Account guards are cluster-wide (SPEC §9): a trip on one node refuses the
+    account's MAIL on every node, and a release on any node lifts it everywhere."""
+    route(dns_server, "customers.test", "127.0.0.26")
+    mx_farm.server("127.0.0.26")
+    app = {
+        "name": "app",
+        "password": password_hash,
+        "senders": ["*@example.org"],
+        "guard": {"action": "refuse", "min_volume": 20},
+    }
+    a, b, c = cluster(accounts=[app])
+    with a.client() as smtp:
+        for i in range(21):
+            smtp.sendmail("app@example.org", [f"c{i}@customers.test"], make_message(f"m{i}"))
+    a.wait_log("tripped the account guard")
+
+    def mail_code(node: RelayProcess) -> int:
+        with node.client() as smtp:
+            return smtp.mail("app@example.org")[0]
+
+    started = time.monotonic()
+    assert wait_until(lambda: mail_code(b) == 450 and mail_code(c) == 450, timeout=10)
+    told = time.monotonic() - started
+    assert told < 3, told
+    assert "tripped the account guard on node a" in b.log()
+    released = b.cli("account", "release", "app")
+    assert released.returncode == 0, released.stderr
+    assert wait_until(lambda: mail_code(a) == 250 and mail_code(c) == 250, timeout=10)
+    assert "released from the account guard on node b" in a.log()

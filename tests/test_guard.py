@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,12 +27,7 @@ ATTACK = 2000
 
 
 def cli(relay: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args, "-c", str(relay.config_path), "--token", TOKEN],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return relay.cli(*args, token=TOKEN)
 
 
 def _accounts(password_hash: str, **guard: object) -> list[dict[str, object]]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from relay.clock import Clock
+from relay.cluster.guards import SharedGuards
 from relay.cluster.lanes import SharedLanes
 from relay.cluster.leases import SlotLeases
 from relay.cluster.link import RedisLink
@@ -17,6 +19,7 @@ from relay.cluster.nodes import Nodes
 from relay.cluster.rates import SharedRates
 from relay.config.model import Cluster
 from relay.errors import ClusterUnavailable
+from relay.guard.shared import GuardEvent
 from relay.metrics import Metrics
 from relay.shaping.lanestate import LaneStateSink
 from relay.shaping.rate import BucketFactory
@@ -34,6 +37,7 @@ class ClusterNode:
         self.leases = SlotLeases(self.link, config.node, config.lease, self.live_nodes)
         self.rates = SharedRates(self.link, self.live_nodes, clock.monotonic)
         self.lanes = SharedLanes(self.link, config.node, clock.time)
+        self.guards = SharedGuards(self.link, config.node, clock.time)
         self.locks = Locks(self.link, config.node)  # for spool takeover
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -43,10 +47,10 @@ class ClusterNode:
     def buckets(self, lane: str) -> BucketFactory:
         return partial(self.rates.bucket, lane)
 
-    async def start(self, sink: LaneStateSink) -> None:
+    async def start(self, sink: LaneStateSink, guard: Callable[[GuardEvent], None]) -> None:
         """Connect (a Redis that is down now does not stop the start: local shares
         stand in until it answers), then run the heartbeat, the lease keeper and the
-        lane-event follower."""
+        followers of lane events and of account guard events."""
         if await self.link.probe():
             try:
                 await self.nodes.beat()
@@ -62,6 +66,7 @@ class ClusterNode:
         spawn(self.nodes.beat_forever(), self._tasks, "heartbeat")
         spawn(self.leases.keep_forever(), self._tasks, "lease keeper")
         spawn(self.lanes.follow(sink), self._tasks, "lane events")
+        spawn(self.guards.follow(guard), self._tasks, "guard events")
 
     async def stop(self) -> None:
         await self.leases.drain()

@@ -32,6 +32,7 @@ from prometheus_client import Gauge
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.config.model import Config, GuardSettings
 from relay.guard.ledger import Ledger, Trip
+from relay.guard.shared import GuardAnnouncer, GuardEvent
 from relay.statefile import StateFile
 
 log = logging.getLogger("relay.guard")
@@ -81,6 +82,7 @@ class AccountGuard:
         self._changes: asyncio.Queue[_Change] = asyncio.Queue()
         self._pending_save: asyncio.TimerHandle | None = None  # counts changed, not saved
         self._published: set[str] = set()  # accounts with a gauge series
+        self.announcer: GuardAnnouncer | None = None  # a cluster's (SPEC §9)
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -166,6 +168,8 @@ class AccountGuard:
         if reason is None:
             return
         ledger.trip = Trip(now, reason)
+        if self.announcer is not None:
+            self.announcer.announce(GuardEvent(account, "trip", now, reason))
         log.warning(
             "account %s tripped the account guard: %s; its mail is %s until "
             "'relay account release %s'",
@@ -187,7 +191,10 @@ class AccountGuard:
             raise UnknownAccount(f"no account {account!r} (accounts: {known})")
         ledger = self._ledger(account)
         was = ledger.trip
-        ledger.release(self._clock.time())
+        now = self._clock.time()
+        ledger.release(now)
+        if self.announcer is not None:
+            self.announcer.announce(GuardEvent(account, "release", now))
         if was is not None:
             log.warning(
                 "account %s released from the account guard (tripped: %s)", account, was.reason
@@ -197,6 +204,31 @@ class AccountGuard:
         released: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._changes.put_nowait(_Change(account, None, released))
         return await released
+
+    def apply_shared(self, event: GuardEvent) -> None:
+        """Another node tripped or released an account: the same here."""
+        ledger = self._ledger(event.account)
+        if event.kind == "trip":
+            if ledger.trip is not None:
+                return
+            ledger.trip = Trip(event.at, f"{event.reason} (on node {event.node})")
+            log.warning(
+                "account %s tripped the account guard on node %s: %s; its mail is held here too",
+                event.account,
+                event.node,
+                event.reason,
+            )
+            self._changes.put_nowait(_Change(event.account, ledger.trip))
+        else:
+            if ledger.trip is None:
+                return
+            ledger.release(self._clock.time())
+            log.warning(
+                "account %s released from the account guard on node %s", event.account, event.node
+            )
+            self._changes.put_nowait(_Change(event.account, None))
+        self._publish()
+        self._save()
 
     # applying changes
 

@@ -8,7 +8,7 @@ Redis hash, so a node that missed the message reads it back.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Protocol
 
 Kind = Literal["suspend", "resume", "throttle", "limit"]
@@ -25,6 +25,15 @@ class LaneEvent:
     rate: str | None = None  # throttle, limit: "60/min" as written in the config
     max_connections: int | None = None
     node: str = ""  # where it happened
+
+    def key(self) -> str:
+        """One stored event per lane and kind: a resume replaces the suspension it ends;
+        throttles and limits are kept apart."""
+        kind = "suspend" if self.kind == "resume" else self.kind
+        return f"{self.lane} {kind}"
+
+    def from_node(self, node: str) -> LaneEvent:
+        return replace(self, node=node)
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
