@@ -89,6 +89,14 @@ class RedisLink:
             raise ClusterUnavailable(f"Redis did not answer: {exc}") from exc
 
     async def probe(self) -> bool:
+        if not self.up:
+            # Connections opened while Redis hung, or before it restarted, are stuck or
+            # dead: the first commands after its return would find them and fail, and
+            # the link would flap. Every probe while down starts from fresh ones.
+            try:
+                await asyncio.wait_for(self.client.connection_pool.disconnect(), self._timeout)
+            except Exception as exc:  # best effort: the PING below decides
+                log.debug("dropping Redis connections: %s", exc)
         try:
             await asyncio.wait_for(self.client.ping(), self._timeout * 2)
         except self._errors as exc:
