@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 import sys
+import urllib.parse
 
 from relay import __version__, eventloop, logs
 from relay.config import load_config
@@ -96,6 +97,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.file)
     print(f"{args.file}: valid")
     print(f"hostname: {config.hostname}")
+    print(f"spool: {config.spool_path}")
+    cluster = config.cluster
+    if cluster is not None:
+        # The URL may hold a password: only where it points is printed.
+        redis = urllib.parse.urlsplit(str(cluster.redis))
+        takeover = (
+            f"shared_spool={cluster.shared_spool} takeover_after={cluster.takeover_after:g}s"
+            if cluster.shared_spool
+            else "no shared_spool (no takeover)"
+        )
+        print(
+            f"cluster: node {cluster.node}, redis {redis.scheme}://{redis.hostname}:"
+            f"{redis.port or 6379}, lease {cluster.lease:g}s, {takeover}"
+        )
     for listener in config.listeners:
         print(
             f"listener {listener.name}: {listener.address}:{listener.port} tls={listener.tls} "
