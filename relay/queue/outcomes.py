@@ -206,16 +206,8 @@ class Outcomes:
                 )
                 if notices is failures:
                     done.deferred += self._keep(message, failures, now)
-        if message.done:
-            await self._spool.remove(envelope.id)
-            done.removed = True
-            self._events.finish(message, now)
-        else:
-            try:
-                await self._spool.record(envelope.id, _records(attempts))
-            except SpoolError as exc:
-                # Outcomes stay true in memory; after a crash they would be repeated.
-                log.error("id=%s progress not saved: %s", envelope.id, exc)
+        # Outcomes stay true in memory if not saved; after a crash they would be repeated.
+        await self._persist(message, _records(attempts), now, done, "progress not saved")
         return done
 
     async def transferred(
@@ -262,18 +254,30 @@ class Outcomes:
         self._events.record(
             envelope.id, events.transferred(now, peer, relay, str(reply), addresses)
         )
+        # True in memory if not saved: nothing here sends them again. After a crash they
+        # would be delivered from here too (at least once).
+        await self._persist(message, _records(recipients), now, done, "transfer not saved")
+        return done
+
+    async def _persist(
+        self,
+        message: QueuedMessage,
+        records: list[StateRecord],
+        now: float,
+        done: Settled,
+        unsaved: str,
+    ) -> None:
+        """A finished message leaves the spool for history; another has its progress
+        appended (`unsaved` is logged when that fails)."""
         if message.done:
-            await self._spool.remove(envelope.id)
+            await self._spool.remove(message.id)
             done.removed = True
             self._events.finish(message, now)
-        else:
-            try:
-                await self._spool.record(envelope.id, _records(recipients))
-            except SpoolError as exc:
-                # True in memory: nothing here sends them again. After a crash they
-                # would be delivered from here too (at least once).
-                log.error("id=%s transfer not saved: %s", envelope.id, exc)
-        return done
+            return
+        try:
+            await self._spool.record(message.id, records)
+        except SpoolError as exc:
+            log.error("id=%s %s: %s", message.id, unsaved, exc)
 
     def _keep(self, message: QueuedMessage, failures: list[Failure], now: float) -> list[Recipient]:
         """Undo the failure of recipients whose DSN could not be stored."""
