@@ -98,6 +98,7 @@ class Relay:
             )
             context.slots = self.cluster.leases
             context.buckets = self.cluster.buckets
+            context.mailboxes = self.cluster.mailboxes
             context.announcer = self.cluster.lanes
         self.takeover: Takeover | None = None
         if self.cluster is not None and config.cluster and config.cluster.shared_spool:
@@ -250,6 +251,8 @@ class Relay:
         )
         self.listeners = ListenerProcess(self.config, self, self._listener_lost, self.admission)
         spawn(self.guard.enforce(self.queue, self.listeners), self._tasks, "account guard")
+        if self.cluster is not None:
+            spawn(self.cluster.nodes.tell(self.listeners), self._tasks, "live nodes")
         self._recover_in_background(started, "recovered")
         if self.takeover is not None:
             spawn(self.takeover.watch_forever(), self._tasks, "takeover")

@@ -19,7 +19,7 @@ from relay.config.model import Cluster
 from relay.errors import ClusterUnavailable
 from relay.metrics import Metrics
 from relay.shaping.lanestate import LaneStateSink
-from relay.shaping.rate import BucketFactory
+from relay.shaping.rate import BucketFactory, MailboxFactory
 from relay.tasks import spawn
 
 log = logging.getLogger("relay.cluster")
@@ -42,6 +42,9 @@ class ClusterNode:
 
     def buckets(self, lane: str) -> BucketFactory:
         return partial(self.rates.bucket, lane)
+
+    def mailboxes(self, lane: str) -> MailboxFactory:
+        return partial(self.rates.mailboxes, lane)
 
     async def start(self, sink: LaneStateSink) -> None:
         """Connect (a Redis that is down now does not stop the start: local shares
