@@ -1,5 +1,6 @@
-"""A cluster's shared state on Redis (SPEC §9): connection-slot leases, GCRA rates,
-lane suspensions and throttles, AUTH failure counters, node heartbeats.
+"""A cluster's shared state on Redis (SPEC §9): connection-slot leases, GCRA rates
+(a lane's, its mailboxes', the accounts'), lane suspensions and throttles, AUTH failure
+counters, node heartbeats.
 
 Nothing here imports redis until a `cluster` block asks for it (link.py): a single
 node needs neither the library nor a server. Each module owns one thing:
@@ -8,9 +9,10 @@ node needs neither the library nor a server. Each module owns one thing:
     scripts.py    the Lua scripts, loaded once and run by EVALSHA
     nodes.py      heartbeats: who is alive, and how many were last seen
     leases.py     connection slots per provider and site, renewed while in use
-    rates.py      GCRA rates as one budget for the cluster
+    rates.py      GCRA rates as one budget for the cluster, per lane and per mailbox
     lanes.py      suspensions and throttles told to every node (pub/sub + a hash)
     authfail.py   AUTH failures counted cluster-wide, for the listener process
+    accountrates.py  account rates as one budget, for the listener process
     lock.py       a lock with a fencing token (for spool takeover)
     node.py       the parts wired for the main process; `relay cluster status`
 
