@@ -98,6 +98,7 @@ class Relay:
             )
             context.slots = self.cluster.leases
             context.buckets = self.cluster.buckets
+            context.mailboxes = self.cluster.mailboxes
             context.announcer = self.cluster.lanes
             self.guard.announcer = self.cluster.guards
         self.takeover: Takeover | None = None
@@ -251,6 +252,8 @@ class Relay:
         )
         self.listeners = ListenerProcess(self.config, self, self._listener_lost, self.admission)
         spawn(self.guard.enforce(self.queue, self.listeners), self._tasks, "account guard")
+        if self.cluster is not None:
+            spawn(self.cluster.nodes.tell(self.listeners), self._tasks, "live nodes")
         self._recover_in_background(started, "recovered")
         if self.takeover is not None:
             spawn(self.takeover.watch_forever(), self._tasks, "takeover")

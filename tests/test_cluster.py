@@ -1,10 +1,13 @@
 """Three `relay serve` processes sharing one real redis-server, delivering to recording MX
-servers on loopback (SPEC §9): limits are the cluster's, a suspension on one node holds
-on all, a dead node's slots come back, and a Redis that stops or hangs changes neither
-submission nor the safety of the limits."""
+servers on loopback (SPEC §9): limits are the cluster's (connections, rates, a mailbox's
+rate, an account's rate), a suspension on one node holds on all, a dead node's slots
+come back, and a Redis that stops or hangs changes neither submission nor the safety of
+the limits."""
 
 from __future__ import annotations
 
+import contextlib
+import smtplib
 import statistics
 import subprocess
 import sys
@@ -133,6 +136,76 @@ def test_a_cluster_rate_is_one_budget(cluster, dns_server, mx_farm):
     window = times[20:-20]
     rate = (len(window) - 1) / (window[-1] - window[0])
     assert abs(rate - 20.0) <= 1.0, rate
+
+
+def _rate_waits(node: RelayProcess, message_id: str) -> int:
+    """How often the message's recipients were held back by their mailbox's rate."""
+    status, body = node.api("GET", f"/api/queue/{message_id}")
+    if status != 200:
+        return 0
+    return sum(1 for e in body["timeline"] if e.get("reason") == "recipient rate")
+
+
+def test_a_mailbox_rate_is_one_budget_for_the_cluster(cluster, dns_server, mx_farm):
+    route(dns_server, "target.test", "127.0.0.25")
+    mx = mx_farm.server("127.0.0.25")
+    nodes = cluster(providers={"target": {"domains": ["target.test"], "recipient_rate": "2/min"}})
+    sent = [
+        (node, node.send("app@example.org", ["same@target.test"], make_message(f"{k}-{i}")))
+        for k, node in enumerate(nodes)
+        for i in range(2)
+    ]
+    # Every node tried its mail to the mailbox: one went, the five others wait for the
+    # cluster's next slot, 30 s on (per node, three would have gone at once).
+    assert wait_until(lambda: sum(_rate_waits(n, i) > 0 for n, i in sent) == 5, 15)
+    mx.wait_messages(1, timeout=5)
+    time.sleep(0.5)  # anything sent meanwhile would arrive now
+    assert len(mx.messages) == 1, [m.time for m in mx.messages]
+
+
+def test_an_account_rate_is_one_budget_for_the_cluster(cluster, dns_server, password_hash):
+    route(dns_server, "example.test", "127.0.0.28")
+    account = {"name": "app", "password": password_hash, "senders": ["*@example.org"]}
+    nodes = cluster(accounts=[{**account, "rate": "10/min"}])  # a burst of 10, then 1 / 6 s
+    replies: list[tuple[int, bytes]] = []
+    with contextlib.ExitStack() as stack:
+        clients: list[smtplib.SMTP] = [stack.enter_context(node.client()) for node in nodes]
+        started = time.monotonic()
+        for i in range(18):
+            smtp = clients[i % 3]
+            code, reply = smtp.mail("app@example.org")
+            replies.append((code, reply))
+            if code == 250:
+                assert smtp.rcpt("x@example.test")[0] == 250
+                assert smtp.data(make_message(f"r{i}"))[0] == 250
+        elapsed = time.monotonic() - started
+    assert elapsed < 5.0  # no refill meanwhile: the budget is exactly the burst
+    assert [code for code, _ in replies] == [250] * 10 + [450] * 8, replies
+    for _, reply in replies[10:]:
+        assert reply.startswith(b"4.7.1") and b"over its sending rate" in reply, reply
+
+
+def test_an_account_rate_is_shared_out_while_redis_is_down(
+    cluster, dns_server, password_hash, redis_server
+):
+    """Each node's listener process was told of 3 live nodes: with Redis gone, each allows
+    its share, 10 // 3, at once, and MAIL is not slowed."""
+    route(dns_server, "example.test", "127.0.0.29")
+    account = {"name": "app", "password": password_hash, "senders": ["*@example.org"]}
+    nodes = cluster(accounts=[{**account, "rate": "10/min"}])
+    redis_server.stop()
+    for node in nodes:
+        node.wait_log("Redis is down", timeout=3)
+    for node in nodes:
+        with node.client() as smtp:
+            codes = []
+            for _ in range(5):
+                started = time.monotonic()
+                code, _ = smtp.mail("app@example.org")
+                assert time.monotonic() - started < 0.5
+                codes.append(code)
+                smtp.rset()
+        assert codes == [250] * 3 + [450] * 2, (node.workdir, codes)
 
 
 def test_a_suspension_on_one_node_stops_all_three_within_a_second(cluster, dns_server, mx_farm):

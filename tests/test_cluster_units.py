@@ -1,11 +1,12 @@
 """The cluster's parts against a real redis-server on loopback (tests/redisserver.py):
-the link's health (down, hung, back), leases, shared GCRA, lane events, AUTH failure
-counts, heartbeats and the fencing lock."""
+the link's health (down, hung, back), leases, shared GCRA, per-mailbox and account
+rates, lane events, AUTH failure counts, heartbeats and the fencing lock."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from relay.cluster.accountrates import SharedAccountRates
 from relay.cluster.authfail import SharedAuthFailures
 from relay.cluster.lanes import SharedLanes
 from relay.cluster.leases import SlotLeases
@@ -23,9 +25,10 @@ from relay.cluster.link import RedisLink
 from relay.cluster.lock import Locks
 from relay.cluster.nodes import Nodes
 from relay.cluster.rates import SharedRates
+from relay.config.model import Account, Secret
 from relay.config.units import parse_rate
 from relay.errors import ClusterUnavailable
-from relay.listener.abuse import IP_LOCKOUT_AFTER, LocalAuthFailures
+from relay.listener.abuse import IP_LOCKOUT_AFTER, LocalAccountRates, LocalAuthFailures
 from relay.shaping.lanestate import LaneEvent
 from tests.redisserver import HungServer, RedisServer
 
@@ -194,6 +197,126 @@ async def test_a_shared_rate_uses_the_local_share_while_redis_is_down(
     assert bucket.delay(now) == 0
     bucket.take(now)
     assert bucket.delay(now) == pytest.approx(1.0)  # 4/s over 4 nodes: one a second
+
+
+async def _mailbox_takes(mailboxes: list[Any], seconds: float) -> list[float]:
+    """Every node sends to one mailbox as soon as its rate allows, for `seconds`: the
+    times their recipients were let through."""
+    taken: list[float] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for mailbox in mailboxes:
+            [wait] = await mailbox.admit(["same@x.test"], time.monotonic())
+            if wait <= 0:
+                taken.append(time.monotonic())
+        await asyncio.sleep(0.005)
+    return taken
+
+
+@in_loop
+async def test_two_nodes_never_send_to_a_mailbox_faster_than_its_rate_together(
+    link: RedisLink, redis_server: RedisServer
+) -> None:
+    other = await _link(redis_server)
+    rate = parse_rate("10/s")  # 100 ms apart
+    nodes = [
+        SharedRates(node_link, lambda: 2, time.monotonic).mailboxes("orange", rate)
+        for node_link in (link, other)
+    ]
+    try:
+        taken = await _mailbox_takes(nodes, 1.0)
+        assert 8 <= len(taken) <= 11, taken  # 1 s at 10/s, not 10/s per node
+        gaps = [b - a for a, b in itertools.pairwise(taken)]
+        assert min(gaps) >= 0.1 * 0.8, gaps  # Redis's clock decides; ours sees jitter
+        # a batch: each mailbox once, and the second recipient to one mailbox waits
+        waits = await nodes[0].admit(["a@x.test", "b@x.test", "a@x.test"], time.monotonic())
+        assert waits[:2] == [0, 0] and 0.05 < waits[2] <= 0.1, waits
+        ttl = await link.client.pttl("relay:rate:orange:rcpt:a@x.test")
+        assert 0 < ttl <= 1100  # gone a second after its time: nothing piles up
+    finally:
+        await other.close()
+
+
+@in_loop
+async def test_mailboxes_use_the_local_share_while_redis_is_down_and_remember_it(
+    link: RedisLink, redis_server: RedisServer
+) -> None:
+    mailboxes = SharedRates(link, lambda: 2, time.monotonic).mailboxes("x", parse_rate("1/s"))
+    redis_server.stop()
+    assert not await link.probe()
+    now = time.monotonic()
+    assert await mailboxes.admit(["m@x.test"], now) == [0]
+    [wait] = await mailboxes.admit(["m@x.test"], now)
+    assert wait == pytest.approx(2.0)  # 1/s over 2 nodes: one every 2 s
+    assert not mailboxes.idle(now)
+    redis_server.start()
+    assert await link.probe()
+    # Redis never saw the outage's recipient: this node's own record is the floor
+    [wait] = await mailboxes.admit(["m@x.test"], time.monotonic())
+    assert 0.8 < wait <= 1.0, wait
+    assert await link.client.get("relay:rate:x:rcpt:m@x.test") is None
+
+
+@in_loop
+async def test_mailboxes_fall_back_within_the_command_bound_when_redis_hangs(
+    link: RedisLink, redis_server: RedisServer
+) -> None:
+    mailboxes = SharedRates(link, lambda: 3, time.monotonic).mailboxes("x", parse_rate("1/s"))
+    redis_server.stop()
+    hung = HungServer(redis_server.port)
+    try:
+        link.up = True  # as if it hung just after the last probe
+        started = time.monotonic()
+        assert await mailboxes.admit(["m@x.test"], started) == [0]
+        assert time.monotonic() - started < 1.5
+        assert not link.up
+        [wait] = await mailboxes.admit(["m@x.test"], time.monotonic())
+        assert wait == pytest.approx(3.0, abs=0.1)  # the local share, at once
+    finally:
+        hung.close()
+
+
+def _account(rate: str, name: str = "app") -> Account:
+    return Account(name, Secret("x"), ("*@example.org",), None, parse_rate(rate))
+
+
+@in_loop
+async def test_an_account_rate_is_one_budget_for_two_nodes(
+    link: RedisLink, redis_server: RedisServer
+) -> None:
+    other = await _link(redis_server)
+    nodes = [SharedAccountRates(LocalAccountRates(), node_link) for node_link in (link, other)]
+    account = _account("10/min")  # a burst of 10, then one every 6 s
+    try:
+        allowed = [await nodes[i % 2].allow(account) for i in range(16)]
+        assert allowed == [True] * 10 + [False] * 6
+        assert await nodes[1].allow(_account("10/min", "other"))  # a budget of its own
+        assert 0 < await link.client.pttl("relay:account-rate:app") <= 61_000
+    finally:
+        await other.close()
+
+
+@in_loop
+async def test_an_account_rate_uses_the_local_share_while_redis_is_down_or_hangs(
+    link: RedisLink, redis_server: RedisServer
+) -> None:
+    rates = SharedAccountRates(LocalAccountRates(), link)
+    rates.live_nodes = 3
+    account = _account("10/min")
+    redis_server.stop()
+    assert not await link.probe()
+    assert [await rates.allow(account) for _ in range(4)] == [True] * 3 + [False]  # 10 // 3
+    hung = HungServer(redis_server.port)
+    try:
+        hungry = SharedAccountRates(LocalAccountRates(), link)
+        hungry.live_nodes = 2
+        link.up = True  # as if it hung just after the last probe
+        for expected in (True,) * 5 + (False,):  # 10 // 2, decided here
+            started = time.monotonic()
+            assert await hungry.allow(account) is expected
+            assert time.monotonic() - started < 0.2  # the 50 ms budget, not the link's 1 s
+    finally:
+        hung.close()
 
 
 class Sink:

@@ -22,7 +22,7 @@ from relay.errors import ClusterUnavailable
 from relay.guard.shared import GuardEvent
 from relay.metrics import Metrics
 from relay.shaping.lanestate import LaneStateSink
-from relay.shaping.rate import BucketFactory
+from relay.shaping.rate import BucketFactory, MailboxFactory
 from relay.tasks import spawn
 
 log = logging.getLogger("relay.cluster")
@@ -46,6 +46,9 @@ class ClusterNode:
 
     def buckets(self, lane: str) -> BucketFactory:
         return partial(self.rates.bucket, lane)
+
+    def mailboxes(self, lane: str) -> MailboxFactory:
+        return partial(self.rates.mailboxes, lane)
 
     async def start(self, sink: LaneStateSink, guard: Callable[[GuardEvent], None]) -> None:
         """Connect (a Redis that is down now does not stop the start: local shares

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from relay.cluster import scripts
 from relay.cluster.link import RedisLink
@@ -38,6 +38,13 @@ class NodeRecord:
     live: bool
 
 
+class TakesLiveNodes(Protocol):
+    """Who else divides limits by the live count: the listener process, for the
+    account rates (relay/listener/supervisor.py)."""
+
+    def live_nodes(self, count: int) -> None: ...
+
+
 def node_key(node: str) -> str:
     return f"relay:node:{node}"
 
@@ -50,8 +57,24 @@ class Nodes:
         self._gauge = gauge
         self._beat = link.client.register_script(scripts.HEARTBEAT)
         self.last_live = 1  # what degraded mode divides by: the last count seen
+        self._changes: list[asyncio.Event] = []  # see on_change
         if gauge is not None:
             gauge.set(1)
+
+    def on_change(self) -> asyncio.Event:
+        """An event of the caller's own, set whenever `last_live` changes; the caller
+        clears it."""
+        event = asyncio.Event()
+        self._changes.append(event)
+        return event
+
+    async def tell(self, listener: TakesLiveNodes) -> None:
+        """Give `listener` the live count now and at each change (an owned task)."""
+        changed = self.on_change()
+        while True:
+            listener.live_nodes(self.last_live)
+            await changed.wait()
+            changed.clear()
 
     async def beat(self) -> None:
         """One heartbeat; the live count comes back with it."""
@@ -64,7 +87,9 @@ class Nodes:
         count = max(1, int(live))
         if count != self.last_live:
             log.info("cluster: %d live nodes (was %d)", count, self.last_live)
-        self.last_live = count
+            self.last_live = count
+            for event in self._changes:
+                event.set()
         if self._gauge is not None:
             self._gauge.set(count)
 

@@ -11,6 +11,11 @@ node never waits behind a slot another node holds.
 
 While Redis is down, the bucket is a local `Gcra` at the rate divided by the live nodes
 last seen; it is back on the shared budget at the first answer.
+
+Per-mailbox rates (`recipient_rate`, `SharedMailboxes`) are asked differently: a lane
+may meet any of millions of mailboxes, so nothing can be reserved ahead. The lane asks
+for a batch's recipients together, asynchronously, just before the transaction, and
+one script takes each mailbox's rate or says how long it must wait (scripts.MAILBOXES).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from relay.cluster import scripts
 from relay.cluster.link import RedisLink
 from relay.config.units import Rate
 from relay.errors import ClusterUnavailable
-from relay.shaping.rate import Bucket, Gcra
+from relay.shaping.rate import Bucket, Gcra, Mailboxes
 from relay.tasks import spawn
 
 log = logging.getLogger("relay.cluster")
@@ -105,18 +110,101 @@ class SharedGcra:
         self._slot = self._clock() + float(wait_ms) / 1000
 
 
+class SharedMailboxes:
+    """`Mailboxes` whose budget is the cluster's: one Redis key per mailbox.
+
+    This node also remembers when it last sent to each mailbox. While Redis is down
+    that decides alone, at the rate divided by the live nodes last seen; when Redis is
+    back, it is the floor the script starts from, so a mailbox written to during the
+    outage (Redis never saw it) still waits its interval."""
+
+    def __init__(
+        self,
+        link: RedisLink,
+        script: Any,
+        prefix: str,
+        rate: Rate,
+        live_nodes: Callable[[], int],
+        clock: Callable[[], float],
+        prune_above: int = 10_000,
+    ) -> None:
+        self._link = link
+        self._script = script
+        self._prefix = prefix
+        self._interval = rate.period / rate.count
+        self._live_nodes = live_nodes
+        self._clock = clock
+        self._sent: dict[str, float] = {}  # mailbox → when this node last sent to it
+        self._prune_above = prune_above
+
+    async def admit(self, keys: list[str], now: float) -> list[float]:
+        if self._link.up:
+            floors = [self._wait(key, now, 1) * 1000 for key in keys]
+            try:
+                waits = await self._link.run(
+                    lambda _: self._script(
+                        keys=[self._prefix + key for key in keys],
+                        args=[self._interval * 1000, *floors],
+                    )
+                )
+            except ClusterUnavailable:
+                pass  # the local share decides
+            else:
+                sent = self._clock()
+                result = [float(wait) / 1000 for wait in waits]
+                for key, wait in zip(keys, result, strict=True):
+                    if wait <= 0:
+                        self._record(key, sent)
+                return result
+        share = max(1, self._live_nodes())
+        result = []
+        for key in keys:
+            wait = self._wait(key, now, share)
+            if wait <= 0:
+                self._record(key, now)
+            result.append(wait)
+        return result
+
+    def _wait(self, key: str, now: float, share: int) -> float:
+        """Until this node may send to `key` again, by what it sent itself."""
+        sent = self._sent.get(key)
+        return 0.0 if sent is None else max(0.0, sent + self._interval * share - now)
+
+    def _record(self, key: str, now: float) -> None:
+        if key not in self._sent and len(self._sent) >= self._prune_above:
+            horizon = self._interval * max(1, self._live_nodes())
+            self._sent = {k: t for k, t in self._sent.items() if now - t < horizon}
+        self._sent[key] = now
+
+    def idle(self, now: float) -> bool:
+        horizon = self._interval * max(1, self._live_nodes())
+        return all(now - sent >= horizon for sent in self._sent.values())
+
+
 class SharedRates:
-    """Makes the buckets of each lane's shaper (`BucketFactory` per lane)."""
+    """Makes the buckets of each lane's shaper (`BucketFactory` per lane) and its
+    mailboxes (`MailboxFactory`)."""
 
     def __init__(
         self, link: RedisLink, live_nodes: Callable[[], int], clock: Callable[[], float]
     ) -> None:
         self._link = link
         self._script = link.client.register_script(scripts.GCRA)
+        self._mailboxes = link.client.register_script(scripts.MAILBOXES)
         self._live_nodes = live_nodes
         self._clock = clock
 
     def bucket(self, lane: str, name: str, rate: Rate) -> Bucket:
         return SharedGcra(
             self._link, self._script, rate_key(lane, name), rate, self._live_nodes, self._clock
+        )
+
+    def mailboxes(self, lane: str, rate: Rate) -> Mailboxes:
+        return SharedMailboxes(
+            self._link,
+            self._mailboxes,
+            rate_key(lane, "rcpt:"),
+            rate,
+            self._live_nodes,
+            self._clock,
         )

@@ -9,6 +9,8 @@ Key layout (the prefix is `relay:`):
     relay:slots:<lane>     ZSET lease id → expiry (ms); lease id is "<node>/<random>"
     relay:wanted:<lane>    set for 2 s when a node was refused a slot of the lane
     relay:rate:<lane>:<name>  string: the GCRA's theoretical arrival time (ms)
+    relay:rate:<lane>:rcpt:<address>  the same per mailbox (recipient_rate)
+    relay:account-rate:<name>  the same per account (accounts[].rate)
     relay:lanes            HASH "<lane> <kind>" → LaneEvent JSON; channel relay:lanes
     relay:nodes            HASH node → {"time", "address"}; relay:node:<node> its TTL
     relay:auth:ip:<ip>, relay:auth:account:<name>   failure counters with the window's TTL
@@ -90,6 +92,29 @@ if mode == 'reserve' or delay == 0 then
   redis.call('SET', KEYS[1], tostring(new), 'PX', math.ceil(new - now) + 1000)
 end
 return tostring(delay)
+"""
+)
+
+# recipient_rate: GCRA without burst, one key per mailbox of a batch, decided in order.
+# ARGV interval ms, then per key a floor: ms from now before which this node knows the
+# mailbox may not have another (it sent one while Redis was down, which Redis never
+# saw). → per key "0" (taken) or the wait in ms. Keys expire one interval after their
+# TAT, so a mailbox written to once costs nothing for long.
+MAILBOXES = (
+    NOW_MS
+    + """
+local interval = tonumber(ARGV[1])
+local result = {}
+for i, key in ipairs(KEYS) do
+  local tat = math.max(tonumber(redis.call('GET', key) or '0'), now + tonumber(ARGV[i + 1]))
+  if tat <= now then
+    redis.call('SET', key, tostring(now + interval), 'PX', math.ceil(interval) + 1000)
+    result[i] = '0'
+  else
+    result[i] = tostring(tat - now)
+  end
+end
+return result
 """
 )
 

@@ -15,7 +15,7 @@ from relay.queue.ready import ReadyQueue
 from relay.reply import Reply, Verdict
 from relay.routing.router import Site
 from relay.shaping.lanestate import LaneAnnouncer
-from relay.shaping.rate import BucketFactory, local_bucket
+from relay.shaping.rate import BucketFactory, MailboxFactory, local_bucket, local_mailboxes
 from relay.shaping.slots import LocalSlots, Slots
 from relay.shaping.suspensions import Suspensions
 
@@ -47,6 +47,10 @@ def local_buckets(lane: str) -> BucketFactory:
     return local_bucket
 
 
+def local_mailbox_rates(lane: str) -> MailboxFactory:
+    return local_mailboxes
+
+
 @dataclass
 class LaneContext:
     config: Config  # replaced on reload
@@ -60,6 +64,7 @@ class LaneContext:
     # cluster gives leases, shared rates and an announcer (relay/cluster, SPEC §9).
     slots: Slots = field(default_factory=LocalSlots)
     buckets: Callable[[str], BucketFactory] = local_buckets  # lane key → its rates
+    mailboxes: Callable[[str], MailboxFactory] = local_mailbox_rates  # and recipient_rate
     announcer: LaneAnnouncer | None = None
     stopping: bool = False  # shutting down: finish the transaction in hand, start no other
     # False once another node adopted this spool (relay/cluster/takeover.py)

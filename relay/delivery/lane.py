@@ -110,6 +110,7 @@ class Lane:
             self._ctx.clock.monotonic,
             buckets=self._ctx.buckets(queue.key),
             adaptive=self._adaptive,
+            mailboxes=self._ctx.mailboxes(queue.key),
         )
         self._adaptive = self.shaper.adaptive
         self._rules = self.shaping.rules + self._ctx.config.rules
@@ -383,7 +384,7 @@ class Lane:
         queue = self._ctx.queue
         queue.take(batch)
         self.shaper.take_message(batch.class_name)
-        if not self._admit_recipients(batch):
+        if not await self._admit_recipients(batch):
             self.shaper.refund_message(batch.class_name)
             return connection
         try:
@@ -476,19 +477,20 @@ class Lane:
         attempts = [Attempt(r, reply, Verdict.DEFERRED, hop) for r in batch.recipients]
         await self._ctx.queue.settle(batch, attempts, None)
 
-    def _admit_recipients(self, batch: Batch) -> bool:
-        """Hold back recipients whose mailbox rate is spent: they wait, never dropped."""
+    async def _admit_recipients(self, batch: Batch) -> bool:
+        """Hold back recipients whose mailbox rate is spent: they wait, never dropped.
+        In a cluster the rate is the cluster's (SPEC §9): one round trip to Redis for
+        the whole batch, or the local share while Redis is down."""
         if self.shaping.recipient_rate is None:
             return True
+        waits = await self.shaper.admit_mailboxes([r.address for r in batch.recipients])
         now = self._ctx.clock.time()
         allowed, held = [], []
-        for recipient in batch.recipients:
-            wait = self.shaper.mailbox_delay(recipient.address)
+        for recipient, wait in zip(batch.recipients, waits, strict=True):
             if wait > 0:
                 recipient.next_attempt = now + wait
                 held.append(recipient)
             else:
-                self.shaper.take_mailbox(recipient.address)
                 allowed.append(recipient)
         if held:
             self._ctx.queue.requeue(batch.message, held)

@@ -2,7 +2,8 @@
 
 - Per-account message rate (`accounts[].rate`): a token bucket of the configured size,
   refilled continuously, so "2000/h" allows a burst of 2,000 and then one every 1.8 s.
-  Checked at MAIL, so an account over its limit has nothing half-accepted.
+  Checked at MAIL, so an account over its limit has nothing half-accepted. In a
+  cluster the bucket is the cluster's (relay/cluster/accountrates.py).
 - AUTH failures within a window, per client IP and per account name (`AuthFailures`).
   Each failure from an IP is answered later than the last (0, 0.5, 1, 2, 4 s); after
   `IP_LOCKOUT_AFTER` failures from the IP, or `ACCOUNT_LOCKOUT_AFTER` for the name from
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from relay.config.model import Account
+from relay.config.units import Rate
 from relay.shaping.rate import Gcra
 
 AUTH_WINDOW = 900.0  # seconds over which failures count
@@ -38,20 +40,40 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
-class AccountRates:
+class AccountRates(Protocol):
+    """The accounts' message rates, asked at MAIL: `LocalAccountRates` on one node, the
+    cluster's budget in Redis (relay/cluster/accountrates.py) otherwise."""
+
+    async def allow(self, account: Account) -> bool:
+        """Take one message from the account's budget; False when it is spent."""
+        ...
+
+
+class LocalAccountRates:
+    """`AccountRates` in this process's memory. `share` divides each rate and its burst:
+    a cluster node's part of the budget while Redis does not answer (SPEC §9)."""
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._buckets: dict[str, Gcra] = {}
+        self._buckets: dict[str, tuple[Rate, int, Gcra]] = {}  # name → (rate, share, bucket)
 
-    def allow(self, account: Account) -> bool:
-        """Take one message from the account's budget; False when it is spent."""
-        if account.rate is None:
+    async def allow(self, account: Account) -> bool:
+        return self.take(account)
+
+    def take(self, account: Account, share: int = 1) -> bool:
+        rate = account.rate
+        if rate is None:
             return True
-        bucket = self._buckets.get(account.name)
-        if bucket is None or bucket.interval != account.rate.period / account.rate.count:
-            bucket = self._buckets[account.name] = Gcra(
-                account.rate, burst=max(1, int(account.rate.count))
+        known = self._buckets.get(account.name)
+        if known is None or known[:2] != (rate, share):
+            bucket = Gcra(
+                Rate(rate.count, rate.period * share, rate.text),
+                burst=max(1, int(rate.count) // share),
             )
+            # What was sent under the old rate or share still counts: no fresh burst.
+            bucket.tat = known[2].tat if known is not None else 0.0
+            known = self._buckets[account.name] = (rate, share, bucket)
+        bucket = known[2]
         now = self._clock()
         if bucket.delay(now) > 0:
             return False

@@ -21,7 +21,12 @@ from relay.config.model import Account, Config, Listener
 from relay.dns.resolver import Resolver
 from relay.domains import InvalidDomain, normalize_domain
 from relay.errors import DnsTemporaryError
-from relay.listener.abuse import AccountRates, AuthFailures, LocalAuthFailures
+from relay.listener.abuse import (
+    AccountRates,
+    AuthFailures,
+    LocalAccountRates,
+    LocalAuthFailures,
+)
 from relay.passwords import verify_password
 
 log = logging.getLogger("relay.listener")
@@ -78,7 +83,11 @@ class Refusal:
 
 class Policy:
     def __init__(
-        self, config: Config, resolver: Resolver, auth_failures: AuthFailures | None = None
+        self,
+        config: Config,
+        resolver: Resolver,
+        auth_failures: AuthFailures | None = None,
+        account_rates: AccountRates | None = None,
     ) -> None:
         self.config = config
         self.resolver = resolver  # replaced on reload
@@ -86,7 +95,7 @@ class Policy:
         # logs in for every message does not pay a fresh scrypt (~50 ms of CPU) each time.
         self._verified: dict[str, bytes] = {}
         self._key = os.urandom(32)
-        self.rates = AccountRates()
+        self.rates: AccountRates = account_rates or LocalAccountRates()
         self.auth_failures: AuthFailures = auth_failures or LocalAuthFailures()
         # Accounts the account guard tripped with `action: refuse`, as the main process
         # last said (relay/guard): their MAIL gets 450 until released.
@@ -164,7 +173,7 @@ class Policy:
                 "(unusual volume or rejected mail); try again later",
                 "guard",
             )
-        if account is not None and not self.rates.allow(account):
+        if account is not None and not await self.rates.allow(account):
             log.warning(
                 "account %s over its rate %s: MAIL refused from %s",
                 account.name,

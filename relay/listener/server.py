@@ -20,7 +20,7 @@ from typing import Any
 from relay.config.model import Config, Listener
 from relay.dns.resolver import Resolver
 from relay.errors import RelayError
-from relay.listener.abuse import AuthFailures
+from relay.listener.abuse import AccountRates, AuthFailures
 from relay.listener.admission import AdmissionClient
 from relay.listener.handler import ListenerEvents, SubmissionHandler
 from relay.listener.policy import ConnectionGate, Policy
@@ -97,11 +97,12 @@ class Listeners:
         resolver: Resolver,
         admission: AdmissionClient,
         auth_failures: AuthFailures | None = None,  # a cluster's (SPEC §9); else local
+        account_rates: AccountRates | None = None,  # the same
     ) -> None:
         self.resolver = resolver
         self.config = config
         self.tls_context = tls_context  # read at each new connection: reload swaps it
-        self.policy = Policy(config, resolver, auth_failures)
+        self.policy = Policy(config, resolver, auth_failures, account_rates)
         self.gate = ConnectionGate(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )

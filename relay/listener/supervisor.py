@@ -54,6 +54,7 @@ class ListenerProcess:
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._refused: frozenset[str] = frozenset()  # the account guard's; sent at each start
+        self._live_nodes = 1  # a cluster's, last seen; sent at each start
         self.draining = False
 
     @property
@@ -85,6 +86,15 @@ class ListenerProcess:
         self._refused = accounts
         if self._writer is not None:
             self._writer.write(ipc.frame("guard", accounts))
+
+    def live_nodes(self, count: int) -> None:
+        """The cluster's live nodes last seen: while Redis is down, the listener process
+        keeps the account rates at their share (relay/cluster/accountrates.py)."""
+        if count == self._live_nodes:
+            return
+        self._live_nodes = count
+        if self._writer is not None:
+            self._writer.write(ipc.frame("nodes", count))
 
     def drain(self, grace: float) -> None:
         """421 to new sessions; the process exits once the open ones end, or at `grace`."""
@@ -203,6 +213,6 @@ class ListenerProcess:
             theirs.close()
         self._process = process
         reader, writer = await asyncio.open_unix_connection(sock=ours)
-        writer.write(ipc.frame("start", self.config, fds, self._refused))
+        writer.write(ipc.frame("start", self.config, fds, self._refused, self._live_nodes))
         self._writer = writer
         return process, reader

@@ -2,16 +2,18 @@
 
 The main process binds the sockets, starts this process (`python -m
 relay.listener.worker FD`, FD its end of a socketpair) and sends ("start", config,
-{listener name: [socket fds]}, accounts the account guard refuses). From then on this
-process reports each durable message ("accepted", envelope, body offset, arrival)
-before its client hears 250, each refusal ("rejected", reason), each refused AUTH
-("auth_failed",) and each message of a DKIM signing domain ("dkim_signed", domain,
-"signed" or "failed"); it asks admission of RCPTs of capped classes
-(relay.listener.admission) and reads the answers at any time, even while draining. It
-takes ("config", config) on reload, ("guard", accounts) when the accounts the account
-guard refuses change, and ("drain", grace) at shutdown, after which it exits once its
-sessions are done. If the main process dies, so does this one (PR_SET_PDEATHSIG), and
-an end of file on the socketpair means the same.
+{listener name: [socket fds]}, accounts the account guard refuses, the cluster's live
+nodes last seen). From then on this process reports each durable message ("accepted",
+envelope, body offset, arrival) before its client hears 250, each refusal ("rejected",
+reason), each refused AUTH ("auth_failed",) and each message of a DKIM signing domain
+("dkim_signed", domain, "signed" or "failed"); it asks admission of RCPTs of capped
+classes (relay.listener.admission) and reads the answers at any time, even while
+draining. It takes ("config", config) on reload, ("guard", accounts) when the accounts
+the account guard refuses change, ("nodes", count) when a cluster's live nodes change
+(its share of the account rates while Redis is down), and ("drain", grace) at
+shutdown, after which it exits once its sessions are done. If the main process dies,
+so does this one (PR_SET_PDEATHSIG), and an end of file on the socketpair means the
+same.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay import eventloop, logs
 from relay.config.model import Config
@@ -32,13 +34,16 @@ from relay.dns.resolver import Resolver
 from relay.errors import RelayError
 from relay.history.events import Arrival
 from relay.listener import ipc
-from relay.listener.abuse import AuthFailures, LocalAuthFailures
+from relay.listener.abuse import AccountRates, AuthFailures, LocalAccountRates, LocalAuthFailures
 from relay.listener.admission import AdmissionClient
 from relay.listener.server import Listeners
 from relay.spool.records import Envelope
 from relay.spool.store import Spool
 from relay.tasks import spawn
 from relay.tls import listener_context
+
+if TYPE_CHECKING:
+    from relay.cluster.accountrates import SharedAccountRates
 
 log = logging.getLogger("relay.listener")
 
@@ -64,6 +69,18 @@ class _Reporter:
         self._writer.write(ipc.frame("dkim_signed", domain, result))
 
 
+class _Shares:
+    """Where the live-node count goes in this process: the account rates of a cluster
+    (nothing on a single node)."""
+
+    def __init__(self) -> None:
+        self.rates: SharedAccountRates | None = None
+
+    def live_nodes(self, count: int) -> None:
+        if self.rates is not None:
+            self.rates.live_nodes = max(1, count)
+
+
 def _die_with_parent(parent: int) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -79,7 +96,7 @@ async def _serve(channel: socket.socket) -> None:
     start = await ipc.receive(reader)
     if start is None:
         return
-    _, config, fds, refused = start
+    _, config, fds, refused, live_nodes = start
     assert isinstance(config, Config)
     sockets = {name: [socket.socket(fileno=fd) for fd in numbers] for name, numbers in fds.items()}
     spool = Spool(config.spool_path, writer=1)
@@ -87,16 +104,24 @@ async def _serve(channel: socket.socket) -> None:
     admission = AdmissionClient(writer)
     tasks: set[asyncio.Task[Any]] = set()
     auth_failures: AuthFailures | None = None
+    account_rates: AccountRates | None = None
+    shares = _Shares()
     link = None
     if config.cluster is not None:
-        # AUTH failures counted by the whole cluster (SPEC §9), through a link of this
-        # process's own; it only ever delays an AUTH by its short timeout, never a 250.
+        # AUTH failures and account rates counted by the whole cluster (SPEC §9),
+        # through a link of this process's own; it only ever delays an AUTH or a MAIL
+        # by its short timeout, never a 250 for DATA.
+        from relay.cluster.accountrates import SharedAccountRates
         from relay.cluster.authfail import SharedAuthFailures
         from relay.cluster.link import RedisLink
 
         link = RedisLink(str(config.cluster.redis))
         spawn(link.watch(), tasks, "redis probe")
         auth_failures = SharedAuthFailures(LocalAuthFailures(), link)
+        shared_rates = SharedAccountRates(LocalAccountRates(), link)
+        shares.rates = shared_rates
+        account_rates = shared_rates
+    shares.live_nodes(live_nodes)
     listeners = Listeners(
         config,
         spool,
@@ -105,6 +130,7 @@ async def _serve(channel: socket.socket) -> None:
         Resolver(config.dns),
         admission,
         auth_failures,
+        account_rates,
     )
     listeners.policy.refused = frozenset(refused)
     await listeners.start(sockets)
@@ -117,7 +143,7 @@ async def _serve(channel: socket.socket) -> None:
     commands: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
     reading = asyncio.create_task(_read(reader, admission, commands), name="commands")
     while (message := await commands.get()) is not None:
-        await _command(listeners, message)
+        await _command(listeners, shares, message)
         if message[0] == "drain":
             break
     reading.cancel()
@@ -147,7 +173,7 @@ async def _read(
         commands.put_nowait(None)
 
 
-async def _command(listeners: Listeners, message: tuple[Any, ...]) -> None:
+async def _command(listeners: Listeners, shares: _Shares, message: tuple[Any, ...]) -> None:
     if message[0] == "config":
         config: Config = message[1]
         resolver = listeners.resolver
@@ -173,6 +199,8 @@ async def _command(listeners: Listeners, message: tuple[Any, ...]) -> None:
         )
     elif message[0] == "guard":
         listeners.policy.refused = frozenset(message[1])
+    elif message[0] == "nodes":
+        shares.live_nodes(message[1])
     elif message[0] == "drain":
         listeners.drain()
         try:

@@ -35,6 +35,26 @@ def local_bucket(name: str, rate: Rate) -> Bucket:
     return Gcra(rate)
 
 
+class Mailboxes(Protocol):
+    """A lane's per-mailbox rate (`recipient_rate`): `KeyedGcra` here, or one budget per
+    mailbox shared by a cluster (relay/cluster/rates.py). Asynchronous, as the shared
+    one asks Redis; a batch's recipients are decided together, in order."""
+
+    async def admit(self, keys: list[str], now: float) -> list[float]:
+        """For each key: 0 when its rate allows one now (and it is taken), else the wait."""
+        ...
+
+    def idle(self, now: float) -> bool: ...
+
+
+# recipient_rate → the lane's mailboxes
+MailboxFactory = Callable[[Rate], Mailboxes]
+
+
+def local_mailboxes(rate: Rate) -> Mailboxes:
+    return KeyedGcra(rate)
+
+
 class Gcra:
     __slots__ = ("interval", "tat", "tolerance")
 
@@ -79,6 +99,15 @@ class KeyedGcra:
                 self._buckets = {k: b for k, b in self._buckets.items() if not b.idle(now)}
             bucket = self._buckets[key] = Gcra(self._rate)
         bucket.take(now)
+
+    async def admit(self, keys: list[str], now: float) -> list[float]:
+        waits = []
+        for key in keys:
+            wait = self.delay(key, now)
+            if wait <= 0:
+                self.take(key, now)
+            waits.append(wait)
+        return waits
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from relay.config.model import Rule, Shaping, TrafficClass
 from relay.config.units import Rate
 from relay.shaping.adaptive import Adaptive, Cut
-from relay.shaping.rate import Bucket, BucketFactory, KeyedGcra, local_bucket
+from relay.shaping.rate import (
+    Bucket,
+    BucketFactory,
+    Mailboxes,
+    MailboxFactory,
+    local_bucket,
+    local_mailboxes,
+)
 
 log = logging.getLogger("relay.shaping")
 
@@ -52,6 +59,7 @@ class Shaper:
         clock: Callable[[], float] = time.monotonic,
         buckets: BucketFactory = local_bucket,  # a cluster's shared rates (SPEC §9)
         adaptive: Adaptive | None = None,
+        mailboxes: MailboxFactory = local_mailboxes,  # a cluster's, too
     ) -> None:
         """`adaptive`: the previous shaper's, on a reload: a cut in force stays."""
         self.shaping = shaping
@@ -61,7 +69,9 @@ class Shaper:
         self._connections = (
             buckets("connection", shaping.connection_rate) if shaping.connection_rate else None
         )
-        self._mailboxes = KeyedGcra(shaping.recipient_rate) if shaping.recipient_rate else None
+        self._mailboxes: Mailboxes | None = (
+            mailboxes(shaping.recipient_rate) if shaping.recipient_rate else None
+        )
         self._classes = {
             name: buckets(f"class {name}", c.rate) for name, c in classes.items() if c.rate
         }
@@ -135,14 +145,12 @@ class Shaper:
 
     # mailboxes
 
-    def mailbox_delay(self, address: str) -> float:
+    async def admit_mailboxes(self, addresses: list[str]) -> list[float]:
+        """Take each mailbox's rate for a recipient about to be sent: 0 for those
+        taken, the wait for the others (they are held back)."""
         if self._mailboxes is None:
-            return 0.0
-        return self._mailboxes.delay(address.lower(), self._clock())
-
-    def take_mailbox(self, address: str) -> None:
-        if self._mailboxes is not None:
-            self._mailboxes.take(address.lower(), self._clock())
+            return [0.0] * len(addresses)
+        return await self._mailboxes.admit([a.lower() for a in addresses], self._clock())
 
     # adjustments
 
