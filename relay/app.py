@@ -100,8 +100,10 @@ class Relay:
             context.buckets = self.cluster.buckets
             context.mailboxes = self.cluster.mailboxes
             context.announcer = self.cluster.lanes
+            context.clustered = True
             self.guard.announcer = self.cluster.guards
         self.takeover: Takeover | None = None
+        self.fenced = False  # another node adopted this spool while this one ran
         if self.cluster is not None and config.cluster and config.cluster.shared_spool:
             self.takeover = Takeover(
                 config.cluster,
@@ -201,10 +203,8 @@ class Relay:
             "history prune",
         )
         listener_context(self.config)  # a bad certificate stops the start here
-        if self.cluster is not None:
-            await self.cluster.start(self.dispatcher, self.guard.apply_shared)
-        if self.takeover is not None:
-            await self.takeover.claim()  # before this spool's mail is queued or taken
+        # What this node saved is read before it hears the cluster's events (a release
+        # heard first must not be undone by the trip read after it).
         for key, suspension in self.suspensions.load().items():
             log.info(
                 "lane %s stays suspended for %.0fs: %s",
@@ -217,6 +217,10 @@ class Relay:
                 self.dispatcher.lane(self.queue.ready_queue(queue))
         for account, trip in self.guard.load():  # before recovery: its mail is held as queued
             log.warning("account %s stays tripped by the account guard: %s", account, trip.reason)
+        if self.cluster is not None:
+            await self.cluster.start(self.dispatcher, self.guard.apply_shared)
+        if self.takeover is not None:
+            await self.takeover.claim()  # before this spool's mail is queued or taken
         service = QueueService(
             self.queue,
             self.dispatcher,
@@ -263,6 +267,7 @@ class Relay:
         """Another node adopted this spool while this one ran (it was thought dead): no
         new transaction from here, drain and exit; at the next start `claim` waits."""
         log.critical("cluster: %s; stopping delivery and shutting down", why)
+        self.fenced = True
         self.dispatcher.drain()
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -54,6 +54,9 @@ def _raise_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+EX_TEMPFAIL = 75  # sysexits.h: try again later
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay.app import Relay
     from relay.notify import Notifier
@@ -66,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.setup(args.log_format, args.log_level)
     _raise_file_limit()  # the listener process inherits it
 
-    async def main() -> None:
+    async def main() -> int:
         relay = Relay(config, notifier=Notifier.from_environ())
         stop, urgent = asyncio.Event(), asyncio.Event()
         reloads: set[asyncio.Task[list[str]]] = set()
@@ -84,13 +87,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, on_stop)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         await relay.run(stop, urgent, grace=args.grace)
+        # Fenced off (another node adopted this spool): not a clean stop, so that a
+        # supervisor starts it again, and the new start waits for the adopter.
+        return EX_TEMPFAIL if relay.fenced else 0
 
     try:
-        eventloop.run(main())
+        return eventloop.run(main())
     except (RelayError, OSError) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -446,3 +446,23 @@ def test_the_cluster_block_is_read_and_checked(tmp_path: Path) -> None:
     assert "cluster.redis: expected a URL" in problems
     assert "cluster.node:" in problems
     assert "cluster.lease: must be at least 3s" in problems
+
+
+@in_loop
+async def test_an_event_older_than_the_stored_one_is_not_kept(
+    link: RedisLink, redis_server: RedisServer
+) -> None:
+    """A node's outbox can deliver an event late: the hash keeps the latest by `at`."""
+    here = SharedLanes(link, "a")
+    now = time.time()
+    here.announce(LaneEvent("orange", "suspend", now, now + 60, "later"))
+    await asyncio.sleep(0.3)
+    other = await _link(redis_server)
+    try:
+        SharedLanes(other, "b").announce(LaneEvent("orange", "resume", now - 5, 0.0, ""))
+        await asyncio.sleep(0.3)
+        late, sink = SharedLanes(other, "c"), Sink()
+        await late.reread(sink)
+        assert [(e.kind, e.reason) for e in sink.events] == [("suspend", "later")]
+    finally:
+        await other.close()

@@ -380,3 +380,33 @@ def test_the_queue_holds_an_accounts_mail_and_releases_only_the_guards(tmp_path:
         assert _markers(spool) == {by_hand.id: "held\n"}
 
     asyncio.run(main())
+
+
+def test_guard_held_mail_of_an_account_no_longer_tripped_goes_out_when_queued(
+    tmp_path: Path,
+) -> None:
+    """Mail held by the guard whose account was released while it was out of reach (on a
+    node whose spool was adopted since, or behind a crash): queued here, it goes out and
+    loses its marker; mail an admin held stays held."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        config = _config()
+        spool = Spool(str(tmp_path / "spool"))
+        spool.open()
+        guarded = await _message(spool, clock, "a@x.test")
+        by_hand = await _message(spool, clock, "b@x.test")
+        await spool.set_held(guarded.id, True, "guard")
+        await spool.set_held(by_hand.id, True)
+        manager = QueueManager(
+            config, spool, Router(config, Resolver(config.dns), clock), Metrics(), clock,
+            accounts=Holds(),
+        )  # fmt: skip
+        await manager.recover(spool.recover(time.time() + 1))
+        mine, theirs = manager.registry.get(guarded.id), manager.registry.get(by_hand.id)
+        assert mine is not None and theirs is not None
+        assert not mine.held and theirs.held
+        await manager.stop()
+        assert _markers(spool) == {by_hand.id: "held\n"}
+
+    asyncio.run(main())

@@ -171,16 +171,17 @@ def test_append_racing_the_creation_waits_for_its_directory_sync(tmp_path, monke
 
 def test_take_over_moves_each_message_once_whatever_stops_it(tmp_path):
     """Another node's spool becomes ours (SPEC §9 takeover): ID, progress, hold mark and
-    timeline kept; the original gone. A copy made before a crash is not made twice, and
-    a copy cut short before its message file leaves nothing that recovery would queue."""
-    ours, theirs = Spool(str(tmp_path / "a")), Spool(str(tmp_path / "b"))
-    ours.open()
-    theirs.open()
+    timeline kept; the original gone. The message file is renamed across last, so a move
+    cut short leaves the original whole and nothing that recovery would queue here, and
+    of two nodes racing for a message only one gets it."""
+    ours, theirs, third = (Spool(str(tmp_path / n)) for n in ("a", "b", "c"))
+    for spool in (ours, theirs, third):
+        spool.open()
     body = b"Subject: x\r\n\r\nhello\r\n"
-    first, second, third = (envelope(theirs, body) for _ in range(3))
+    first, second, raced = (envelope(theirs, body) for _ in range(3))
 
     async def fill() -> None:
-        for env in (first, second, third):
+        for env in (first, second, raced):
             await theirs.store(env, body)
         await theirs.record(first.id, [StateRecord((0,), RecipientStatus.DELIVERED, 1, 0, "250")])
         await theirs.set_held(second.id, True)
@@ -188,35 +189,39 @@ def test_take_over_moves_each_message_once_whatever_stops_it(tmp_path):
     asyncio.run(fill())
     with open(theirs.events_path(first.id), "wb") as handle:
         handle.write(b"timeline\n")
-    # A crash after the copy of `third`, before its original was removed.
-    os.makedirs(os.path.dirname(ours.message_path(third.id)), exist_ok=True)
-    with open(theirs.message_path(third.id), "rb") as src:
-        with open(ours.message_path(third.id), "wb") as dst:
-            dst.write(src.read())
+    # A move cut short before its rename: the side files are here, the message is not.
+    os.makedirs(os.path.dirname(ours.message_path(first.id)), exist_ok=True)
+    with open(ours.message_path(first.id) + ".st", "wb") as handle:
+        handle.write(b"garbage")
+    os.utime(ours.message_path(first.id) + ".st", (1.0, 1.0))
+    assert first.id not in {e.envelope.id for e in ours.recover(time.time())}
+    assert not os.path.exists(ours.message_path(first.id) + ".st")  # dropped, stale
 
-    copied = {e.envelope.id: ours.take_over(theirs, e) for e in theirs.recover(time.time())}
-    assert copied == {first.id: True, second.id: True, third.id: False}
+    entries = {e.envelope.id: e for e in theirs.recover(time.time())}
+    assert third.take_over(theirs, entries[raced.id])  # another node got this one first
+    moved = {i: ours.take_over(theirs, e) for i, e in entries.items()}
+    assert moved == {first.id: True, second.id: True, raced.id: False}
+    assert not os.path.exists(ours.message_path(raced.id) + ".st")  # the loser's copies go
     assert list(theirs.recover(time.time())) == []
     assert not os.listdir(os.path.dirname(theirs.message_path(first.id)))
     recovered = {e.envelope.id: e for e in ours.recover(time.time())}
-    assert set(recovered) == {first.id, second.id, third.id}
+    assert set(recovered) == {first.id, second.id}
     assert [r.indices for r in recovered[first.id].records] == [(0,)]
     assert recovered[second.id].held and not recovered[first.id].held
     with open(ours.events_path(first.id), "rb") as handle:
         assert handle.read() == b"timeline\n"
+    assert [e.envelope.id for e in third.recover(time.time())] == [raced.id]
 
-    # A copy cut short: the progress log arrived, the message did not. Recovery drops
-    # the orphan, and the original is still there to be taken again.
-    fourth = envelope(theirs, body)
-    asyncio.run(theirs.store(fourth, body))
-    asyncio.run(
-        theirs.record(fourth.id, [StateRecord((1,), RecipientStatus.DELIVERED, 1, 0, "250")])
-    )
-    os.makedirs(os.path.dirname(ours.message_path(fourth.id)), exist_ok=True)
-    with open(ours.message_path(fourth.id) + ".st", "wb") as handle:
-        handle.write(b"garbage")
-    assert fourth.id not in {e.envelope.id for e in ours.recover(time.time())}
-    [again] = list(theirs.recover(time.time()))
-    assert ours.take_over(theirs, again)
-    [moved] = [e for e in ours.recover(time.time()) if e.envelope.id == fourth.id]
-    assert [r.indices for r in moved.records] == [(1,)]
+
+def test_recovery_keeps_a_fresh_log_whose_message_is_on_its_way(tmp_path):
+    """A take-over writes the progress log before the message: recovery running beside it
+    must not take the log for an orphan and delete it."""
+    spool = Spool(str(tmp_path))
+    spool.open()
+    started = time.time() - 5
+    path = spool.message_path("27KFZZZZZZZZZZZZ") + ".st"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(b"")
+    assert list(spool.recover(stale_before=started)) == []
+    assert os.path.exists(path)

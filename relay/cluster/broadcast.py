@@ -1,10 +1,11 @@
 """State changes told to every node (SPEC §9): stored in a Redis hash and published on a
 channel of the same name.
 
-A node stores each event in the hash (one field per `key()`, the latest wins) and
-publishes it; every node applies what it hears within milliseconds. The hash is read
-again every few seconds and after each reconnection, the safety net for a message lost
-while a node was cut off from Redis. Events a node could not send (Redis down) wait here
+A node stores each event in the hash (one field per `key()`; a script keeps the one
+with the latest `at`, whatever order they arrive in) and publishes it; every node
+applies what it hears within milliseconds. The hash is read again every few seconds and
+after each reconnection, the safety net for a message lost while a node was cut off
+from Redis. Events a node could not send (Redis down) wait here
 and go out, the latest per key, when the link is back. Lanes' suspensions, throttles and
 limits (lanes.py) and the account guard's trips and releases (guards.py) travel this way.
 """
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Generic, Protocol, Self, TypeVar
 
+from relay.cluster import scripts
 from relay.cluster.link import RedisLink
 from relay.errors import ClusterUnavailable
 from relay.tasks import spawn
@@ -74,6 +76,7 @@ class Broadcast(Generic[E]):
         self._unsent: dict[str, E] = {}
         self._seen: dict[str, float] = {}  # key → `at` of the last event applied or sent
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._script = link.client.register_script(scripts.STORE_EVENT)
 
     def announce(self, event: E) -> None:
         event = event.from_node(self._node)
@@ -85,7 +88,7 @@ class Broadcast(Generic[E]):
         while self._unsent:
             key, event = next(iter(self._unsent.items()))
             try:
-                await self._link.run(partial(self._store, key, event.dumps()))
+                await self._link.run(partial(self._store, key, event))
             except ClusterUnavailable:
                 return  # sent by follow() when the link is back
             if self._unsent.get(key) is event:
@@ -94,11 +97,8 @@ class Broadcast(Generic[E]):
     async def _read(self, client: Any) -> dict[str, str]:
         return dict(await client.hgetall(self._name))
 
-    async def _store(self, key: str, raw: str, client: Any) -> None:
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.hset(self._name, key, raw)
-            pipe.publish(self._name, raw)
-            await pipe.execute()
+    async def _store(self, key: str, event: E, client: Any) -> None:
+        await self._script(keys=[self._name], args=[key, event.dumps(), repr(event.at)])
 
     async def follow(self, apply: Callable[[E], None]) -> None:
         """Apply the other nodes' events, forever (an owned task)."""

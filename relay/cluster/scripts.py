@@ -12,6 +12,7 @@ Key layout (the prefix is `relay:`):
     relay:rate:<lane>:rcpt:<address>  the same per mailbox (recipient_rate)
     relay:account-rate:<name>  the same per account (accounts[].rate)
     relay:lanes            HASH "<lane> <kind>" → LaneEvent JSON; channel relay:lanes
+    relay:guard            HASH account → GuardEvent JSON; channel relay:guard
     relay:nodes            HASH node → {"time", "address"}; relay:node:<node> its TTL
     relay:auth:ip:<ip>, relay:auth:account:<name>   failure counters with the window's TTL
     relay:lock:<name>, relay:fence:<name>   a lock and its fencing counter
@@ -156,5 +157,22 @@ KEEP_LOCK = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' ' .. ARGV[2] then return 0 end
 if tonumber(ARGV[3]) == 0 then redis.call('DEL', KEYS[1]) else
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3])) end
+return 1
+"""
+
+# KEYS[1] the events' hash (and channel); ARGV field, event JSON, its `at`
+# → 1 stored and published; 0 the hash holds a later event for that field (an event
+# delayed in a node's outbox, or a node's clock behind): old news is not kept.
+STORE_EVENT = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local ok, decoded = pcall(cjson.decode, old)
+  if ok and type(decoded) == 'table' and tonumber(decoded['at']) ~= nil
+     and tonumber(decoded['at']) > tonumber(ARGV[3]) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', KEYS[1], ARGV[2])
 return 1
 """

@@ -40,6 +40,7 @@ MARKER = "adopted"  # in the adopted node's directory: {"by", "token", "at", "do
 ALIVE = "alive"  # in each node's own directory, touched every TICK
 TICK = 1.0
 LOCK_TTL = 30.0  # renewed between chunks, which take well under a second each
+FENCE_WAIT = 3 * TICK  # after the marker, before moving: a live owner sees it and stops
 
 # (directory, may it go on?) → (messages, recipients) queued here
 Adopt = Callable[[str, Callable[[], Awaitable[bool]]], Awaitable[tuple[int, int]]]
@@ -63,9 +64,13 @@ def read_marker(directory: str) -> Marker | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        # Unreadable: treated as present, so nobody delivers from the directory by mistake.
+        # Shared storage may answer EIO or ESTALE for a moment: nobody may take it for
+        # absent (and deliver) nor for an adoption (and shut down). Callers wait.
         log.error("cluster: %s/%s unreadable (%s)", directory, MARKER, exc)
-        return Marker("?", 0, 0.0)
+        return UNREADABLE
+
+
+UNREADABLE = Marker("?", -1, 0.0)
 
 
 def _write_marker(directory: str, marker: Marker) -> None:
@@ -126,6 +131,9 @@ class Takeover:
         self.adopting: str | None = None  # for `relay cluster status`
         self._confirmed = time.monotonic()  # when our directory was last seen ours
         self._lost = False
+        # node → (its `alive` mtime, our monotonic time when that mtime was first seen):
+        # silence is judged by our own clock, whatever the storage's clock says.
+        self._alive: dict[str, tuple[float, float]] = {}
 
     # this node's own directory
 
@@ -146,6 +154,9 @@ class Takeover:
         that died: the directory is ours again."""
         waiting = False
         while (marker := await asyncio.to_thread(read_marker, self._own)) is not None:
+            if marker is UNREADABLE:
+                await asyncio.sleep(TICK)
+                continue
             if marker.done:
                 log.warning(
                     "cluster: %s was adopted by %s while this node was away; its mail is there",
@@ -187,7 +198,7 @@ class Takeover:
         next_scan = 0.0
         while True:
             marker = await asyncio.to_thread(self._tick)
-            if marker is not None and marker.by != self._node:
+            if marker is not None and marker is not UNREADABLE and marker.by != self._node:
                 self._lose(marker)
                 return
             now = self._clock()
@@ -220,8 +231,9 @@ class Takeover:
         if marker is None or marker.by == self._node:
             self._confirmed = time.monotonic()
             return True
-        self._lose(marker)
-        return False
+        if marker is not UNREADABLE:
+            self._lose(marker)
+        return False  # unreadable: no transaction until it can be read
 
     def _lose(self, marker: Marker) -> None:
         if not self._lost:
@@ -247,14 +259,24 @@ class Takeover:
                 found.append((name, directory))
         return found
 
+    def _silent(self, name: str, directory: str) -> tuple[float, float]:
+        """How long, by our clock, the node's `alive` file has not changed, and its mtime.
+        A node first looked at now counts from now."""
+        try:
+            mtime = os.stat(os.path.join(directory, ALIVE)).st_mtime
+        except FileNotFoundError:
+            mtime = 0.0
+        now = time.monotonic()
+        seen = self._alive.get(name)
+        if seen is None or seen[0] != mtime:
+            self._alive[name] = seen = (mtime, now)
+        return now - seen[1], mtime
+
     def _dead(self, name: str, directory: str, record: NodeRecord | None) -> bool:
         if record is not None and (record.live or record.age < self._after):
             return False
-        try:
-            alive = os.stat(os.path.join(directory, ALIVE)).st_mtime
-        except FileNotFoundError:
-            alive = 0.0
-        if self._clock() - alive < self._after:
+        silent, alive = self._silent(name, directory)
+        if silent < self._after:
             return False  # cut off from Redis, not dead: it delivers under local limits
         if self._empty.get(name) == alive:
             return False
@@ -269,10 +291,20 @@ class Takeover:
             return False  # another node is on it
         mine = Marker(self._node, held.token, self._clock())
         try:
+            # Judged again now that the lock is ours: the node may have come back since
+            # the scan (its start waits only for a marker, and there is none yet).
+            record = next((r for r in await self._nodes.records() if r.node == name), None)
+            if not await asyncio.to_thread(self._dead, name, directory, record):
+                return False
             current = await asyncio.to_thread(read_marker, directory)
-            if current is not None and current.token > held.token:
-                return False  # a later adopter's; ours is stale
+            if current is UNREADABLE or (current is not None and current.token > held.token):
+                return False  # unreadable now, or a later adopter's: ours is stale
             await asyncio.to_thread(_write_marker, directory, mine)
+            # A node that started just now, before the marker, sees it within a tick
+            # and starts no other transaction: only then are its files moved.
+            await asyncio.sleep(FENCE_WAIT)
+            if not await self._still(held, mine, directory):
+                return False
             log.warning(
                 "cluster: node %s silent for over %.0fs; adopting %s (token %d)",
                 name,

@@ -66,6 +66,7 @@ class LaneContext:
     buckets: Callable[[str], BucketFactory] = local_buckets  # lane key → its rates
     mailboxes: Callable[[str], MailboxFactory] = local_mailbox_rates  # and recipient_rate
     announcer: LaneAnnouncer | None = None
+    clustered: bool = False  # limits are the cluster's: adaptive cuts halve the limit
     stopping: bool = False  # shutting down: finish the transaction in hand, start no other
     # False once another node adopted this spool (relay/cluster/takeover.py)
     may_deliver: Callable[[], bool] = lambda: True

@@ -510,7 +510,10 @@ class Lane:
 
     def _adapt(self, reply: Reply) -> None:
         """A throttle-kind reply: adaptive limits halve (SPEC §12), on every node."""
-        if self.shaper.reduce(self.connections, str(reply), self._ctx.clock.time()):
+        # Alone, this lane's open connections are what the receiver saw; in a cluster
+        # it saw every node's, within the cluster's limit: that is what halves.
+        seen = self.shaper.max_connections() if self._ctx.clustered else self.connections
+        if self.shaper.reduce(seen, str(reply), self._ctx.clock.time()):
             self._limits_changed(str(reply))
 
     def _limits_changed(self, reason: str) -> None:

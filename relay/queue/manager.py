@@ -99,6 +99,13 @@ class QueueManager:
             # Held before it is placed: no lane ever sees it.
             self._hold_now(message, "guard", guarded)
             spawn(self._mark(message), self._marking, f"hold {message.id}")
+        elif guarded is None and message.held and message.hold_reason == "guard":
+            # Its account is not tripped here: released while this message was out of
+            # reach (on a node whose spool was adopted since, or behind a crash before
+            # its marker was removed). It goes out, as the release said.
+            message.held, message.hold_reason = False, ""
+            log.info("id=%s: its account is not tripped; the guard's hold is lifted", message.id)
+            spawn(self._unmark(message), self._marking, f"unhold {message.id}")
         self._route(message, [r for r in message.recipients if not r.status.is_final])
 
     async def recover(self, recovered: Iterable[Recovered]) -> tuple[int, int]:
@@ -408,6 +415,14 @@ class QueueManager:
         async with self._admin:
             if message.held and message.hold_reason == "guard" and not message.deleted:
                 await self._persist_hold(message)
+
+    async def _unmark(self, message: QueuedMessage) -> None:
+        async with self._admin:
+            if not message.held and not message.deleted:
+                try:
+                    await self._spool.set_held(message.id, False)
+                except SpoolError as exc:
+                    log.error("id=%s hold marker not removed: %s", message.id, exc)
 
     async def _persist_hold(self, message: QueuedMessage) -> None:
         try:

@@ -6,8 +6,10 @@ connection back and double the rate, up to the configured limits. As TCP's conge
 window does: cut at once, grow back gently, so a provider's real capacity is found and
 held without an admin watching the logs.
 
-Cuts are counted against what is open, not only against the limit: a provider at
-`max_connections: 10` that refuses our third connection gets at most one, not five.
+Connection cuts are counted against what is open, not only against the limit: a
+provider at `max_connections: 10` that refuses our third connection gets at most one,
+not five (in a cluster, where the limit is the cluster's, the limit itself halves). The
+rate halves once per incident: a burst of refusals with no delivery between them is one.
 Without a configured `rate` there is no rate to halve; connections adapt alone.
 """
 
@@ -51,6 +53,7 @@ class Adaptive:
         self.rate = rate
         self.cut: Cut | None = None  # the last cut, while the limits are still below
         self._clean = 0
+        self._incident = False  # the rate was cut and nothing was delivered since
 
     @property
     def narrowed(self) -> bool:
@@ -73,9 +76,16 @@ class Adaptive:
             self.cut = None
 
     def reduce(self, open_connections: int, reason: str, now: float) -> bool:
-        """A throttle-kind reply: halve. True when a limit went down."""
+        """A throttle-kind reply: halve. True when a limit went down.
+
+        Connections halve at each such reply: refusals of extra connections go on until
+        no more are open than the receiver takes. The rate halves once per incident: the
+        replies of one burst, with no delivery between them, cut it once, not once each."""
         connections = max(1, min(self.connections, open_connections) // 2)
-        rate = scaled(self.rate, 0.5) if self.rate is not None else None
+        rate = self.rate
+        if rate is not None and not self._incident:
+            rate = scaled(rate, 0.5)
+            self._incident = True
         changed = connections < self.connections or rate != self.rate
         self.connections, self.rate = connections, rate
         self.cut = Cut(now, reason)
@@ -85,6 +95,7 @@ class Adaptive:
     def delivered(self) -> bool:
         """A transaction delivered with no throttle-kind reply. True when this one
         completed a step and the limits widened."""
+        self._incident = False
         if not self.narrowed:
             return False
         self._clean += 1

@@ -111,24 +111,24 @@ class Shaper:
 
     # messages
 
-    def _provider_rate(self) -> Bucket | None:
-        if self._throttled() and self._throttle_rate:
-            return self._throttle_rate
-        return self._adaptive_rate or self._rate
+    def _provider_rates(self) -> list[Bucket]:
+        """The provider's rate in force (the adaptive one while cut), and a throttle's
+        while one runs: both apply, so the narrower one decides."""
+        rates = [self._adaptive_rate or self._rate]
+        if self._throttled():
+            rates.append(self._throttle_rate)
+        return [rate for rate in rates if rate is not None]
 
     def _message_buckets(self, class_name: str) -> list[Bucket]:
-        buckets = []
-        rate = self._provider_rate()
-        if rate is not None:
-            buckets.append(rate)
+        buckets = self._provider_rates()
         bucket = self._classes.get(class_name)
         if bucket is not None:
             buckets.append(bucket)
         return buckets
 
     def provider_delay(self) -> float:
-        rate = self._provider_rate()
-        return rate.delay(self._clock()) if rate else 0.0
+        now = self._clock()
+        return max((rate.delay(now) for rate in self._provider_rates()), default=0.0)
 
     def class_delay(self, class_name: str) -> float:
         bucket = self._classes.get(class_name)
@@ -260,7 +260,11 @@ class Shaper:
                     until=until,
                     reason=reason,
                 )
-            if rule.rate is not None:
+            current = rate.value
+            narrower = not isinstance(current, Rate) or (
+                rule.rate is not None and rule.rate.per_second <= current.per_second
+            )
+            if rule.rate is not None and narrower:
                 rate = Limit(
                     "rate", rule.rate, shaping.rate, "throttle", until=until, reason=reason
                 )

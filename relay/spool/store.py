@@ -349,8 +349,13 @@ class Spool:
                 )
                 if suffix:
                     if name[: -len(suffix)] not in names:
-                        os.unlink(path)  # its message was removed; the log outlived it
-                        # (a timeline too: history imports it before, unless we crashed)
+                        # Its message was removed and the log outlived it (a timeline too:
+                        # history imports it before, unless we crashed), or a take-over
+                        # cut short left it. One written since `stale_before` may be a
+                        # take-over in progress, whose message arrives last: kept.
+                        with contextlib.suppress(FileNotFoundError):
+                            if os.stat(path).st_mtime < stale_before:
+                                os.unlink(path)
                     continue
                 try:
                     recovered = self._load(path, names)
@@ -400,36 +405,53 @@ class Spool:
     # taking over another node's spool (SPEC §9)
 
     def take_over(self, source: Spool, recovered: Recovered) -> bool:
-        """Make one message of `source` ours, then remove it there; blocking (run it in
-        a thread). False when it was ours already (copied before a crash): only the
-        original goes.
+        """Move one message of `source` into this spool; blocking (run it in a thread).
+        False when it is no longer there (another node took it first).
 
-        The files keep their ID. The progress log, hold mark and timeline are written
-        first and the message last: its rename is the commit point, and a log without
-        its message is dropped at recovery, so a copy cut short leaves nothing behind.
-        The original is removed before the message is queued here, so at any moment at
-        most one spool can deliver it after a restart. The caller queues it, and counts
-        it in this spool's gauges then (`note_stored`), as recovery does.
+        The message keeps its ID. Its progress log, hold mark and timeline are copied
+        first; then the message file itself is renamed across (every node's spool is a
+        directory of one shared filesystem). That rename is the commit point and it is
+        atomic: at every moment exactly one spool holds the message, and of two nodes
+        racing for it only one gets it. Side files copied by the loser, or by a move cut
+        short before the rename, have no message beside them: recovery drops them. The
+        original's side files go last. The caller queues the message, and counts it in
+        this spool's gauges then (`note_stored`), as recovery does.
         """
         message_id = recovered.envelope.id
         origin, target = source.message_path(message_id), self.message_path(message_id)
-        copied = not os.path.exists(target)
-        if copied:
-            directory = self._dir(message_id)
-            if directory not in self._buckets:
-                self._make_bucket(directory)
-                self._buckets.add(directory)
-            for suffix in (_STATE_SUFFIX, _HOLD_SUFFIX, EVENTS_SUFFIX, ""):
-                try:
-                    with open(origin + suffix, "rb") as handle:
-                        data = handle.read()
-                except FileNotFoundError:
-                    continue
-                tmp = os.path.join(directory, _TMP_PREFIX + message_id + suffix)
-                _write_durably(tmp, target + suffix, (data,), self._dirsync)
-        paths = (origin, origin + _STATE_SUFFIX, origin + _HOLD_SUFFIX, origin + EVENTS_SUFFIX)
-        _unlink_synced(paths, source._dirsync)
-        return copied
+        if os.path.exists(target):
+            raise SpoolError(
+                errno.EEXIST, f"cannot take {message_id}: a message with that ID is here already"
+            )
+        directory = self._dir(message_id)
+        if directory not in self._buckets:
+            self._make_bucket(directory)
+            self._buckets.add(directory)
+        sides = (_STATE_SUFFIX, _HOLD_SUFFIX, EVENTS_SUFFIX)
+        for suffix in sides:
+            try:
+                with open(origin + suffix, "rb") as handle:
+                    data = handle.read()
+            except FileNotFoundError:
+                continue
+            tmp = os.path.join(directory, _TMP_PREFIX + message_id + suffix)
+            _write_durably(tmp, target + suffix, (data,), self._dirsync)
+        try:
+            os.rename(origin, target)
+        except FileNotFoundError:
+            _unlink_synced(tuple(target + suffix for suffix in sides), self._dirsync)
+            return False
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise SpoolError(
+                    exc.errno,
+                    f"cannot take {message_id}: {source.path} and {self.path} are not on one "
+                    "filesystem (cluster.shared_spool must be a single mount)",
+                ) from exc
+            raise
+        self._dirsync.sync(directory)
+        _unlink_synced(tuple(origin + suffix for suffix in ("", *sides)), source._dirsync)
+        return True
 
 
 def _hold_reason(marker: str) -> str:
