@@ -273,9 +273,9 @@ class Takeover:
         return now - seen[1], mtime
 
     def _dead(self, name: str, directory: str, record: NodeRecord | None) -> bool:
+        silent, alive = self._silent(name, directory)  # watched at every scan, from the first
         if record is not None and (record.live or record.age < self._after):
             return False
-        silent, alive = self._silent(name, directory)
         if silent < self._after:
             return False  # cut off from Redis, not dead: it delivers under local limits
         if self._empty.get(name) == alive:
