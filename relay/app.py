@@ -242,7 +242,6 @@ class Relay:
             status=StatusPage(
                 config=lambda: self.config,
                 lanes=lambda: list(self.dispatcher.lanes.values()),
-                suspensions=self.suspensions,
                 registry=self.metrics.registry,
                 deferrals=self.queue.deferrals,
                 show=service.show,

@@ -32,7 +32,6 @@ from relay.admin.status import COOKIE, StatusPage, cookie_for
 from relay.config.loader import parse_config
 from relay.queue.deferrals import RecentDeferrals
 from relay.queue.models import QueuedMessage
-from relay.shaping.suspensions import Suspensions
 from relay.spool.records import Envelope, EnvelopeRecipient
 from tests.relayproc import RelayProcess, base_config, http_call, make_message
 from tests.support import depth, route, wait_until
@@ -329,7 +328,6 @@ def test_the_page_escapes_what_comes_from_outside_and_shows_a_timeline(tmp_path,
     page = StatusPage(
         config=lambda: config,
         lanes=lambda: [],
-        suspensions=Suspensions(str(tmp_path)),
         registry=registry,
         deferrals=deferrals,
         show=show,

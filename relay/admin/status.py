@@ -44,7 +44,6 @@ from relay.delivery.lane import Lane
 from relay.queue.deferrals import RecentDeferrals
 from relay.routing.router import DEFAULT_PROVIDER
 from relay.shaping.shaper import Limit
-from relay.shaping.suspensions import Suspensions
 
 log = logging.getLogger("relay.admin")
 
@@ -173,14 +172,13 @@ def login_page(status: int = 401, problem: str | None = None) -> web.Response:
 
 class StatusPage:
     """Renders the page from what it is given: read-only views of the queue, the lanes,
-    the saved suspensions, the metrics registry and the recent deferrals."""
+    the metrics registry and the recent deferrals."""
 
     def __init__(
         self,
         *,
         config: Callable[[], Config],
         lanes: Callable[[], Iterable[Lane]],
-        suspensions: Suspensions,
         registry: CollectorRegistry,
         deferrals: RecentDeferrals,
         show: Callable[[str], dict[str, Any]],
@@ -188,7 +186,6 @@ class StatusPage:
     ) -> None:
         self._config = config  # the current one: a reload replaces it
         self._lanes = lanes
-        self._suspensions = suspensions
         self._registry = registry
         self._deferrals = deferrals
         self._show = show
@@ -260,8 +257,8 @@ class StatusPage:
             reason = lane.suspended
             if reason is None:
                 continue
-            saved = self._suspensions.get(lane.key)
-            left = span(saved.until - now) if saved is not None else ""
+            until = lane.suspended_until
+            left = span(until - now) if until is not None else ""
             rows.append([_e(lane.key), "<span class=bad>suspended</span>", _e(reason), left])
         for lane in lanes:
             if lane.suspended is not None:

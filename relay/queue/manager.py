@@ -555,7 +555,7 @@ class QueueManager:
     def unclaim(self, message: QueuedMessage, recipients: list[Recipient]) -> None:
         """Recipients claimed and not transferred go back where they wait, their next
         attempt as it was: no attempt was made here."""
-        back = [r for r in recipients if r.where is Where.ACTIVE and not r.status.is_final]
+        back = _claimed(recipients)
         if back:
             self._again(message, back)
 
@@ -570,7 +570,7 @@ class QueueManager:
         """The peer took these claimed recipients (its 250): final here. They are marked
         before the first await, so a transfer cancelled now cannot put them back in
         delivery; the record is written shielded, and `stop` waits for it."""
-        taken = [r for r in recipients if r.where is Where.ACTIVE and not r.status.is_final]
+        taken = _claimed(recipients)
         for recipient in taken:
             recipient.status = RecipientStatus.TRANSFERRED
             recipient.last_reply = str(reply)
@@ -648,3 +648,9 @@ def restore(recovered: Recovered) -> QueuedMessage:
         if recipient.status is RecipientStatus.DEFERRED and recipient.next_attempt <= 0:
             recipient.status = RecipientStatus.PENDING
     return message
+
+
+def _claimed(recipients: list[Recipient]) -> list[Recipient]:
+    """Those of a transfer's claim still in hand: not settled meanwhile (a bounce, a
+    deletion)."""
+    return [r for r in recipients if r.where is Where.ACTIVE and not r.status.is_final]
